@@ -1,0 +1,216 @@
+"""Checkpoint directories: read every supported weight file, write the canonical one atomically.
+
+Canonical layout (what every framework writes, and HF transformers 4.x PyTorch reads)::
+
+    DIR/config.json
+    DIR/model.safetensors                     # or, sharded:
+    DIR/model.safetensors.index.json          #   {"metadata": {...}, "weight_map": {key: shard}}
+    DIR/model-00001-of-0000N.safetensors
+
+Reading also accepts ``pytorch_model.bin`` (+ ``.index.json``), loaded with
+``torch.load(weights_only=True)`` only: no pickled code ever runs. Preference when several
+are present: ``model.safetensors``, its index, ``pytorch_model.bin``, its index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import staged_files
+from .config import CONFIG_NAME
+from .safetensors_io import CheckpointError, SafetensorsFile, tensor_nbytes, write_safetensors
+
+__all__ = [
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "PT_WEIGHTS_NAME",
+    "PT_WEIGHTS_INDEX_NAME",
+    "CheckpointState",
+    "find_weights",
+    "read_checkpoint",
+    "write_checkpoint",
+    "parse_size",
+]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PT_WEIGHTS_NAME = "pytorch_model.bin"
+PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+#: Weight files in order of preference.
+WEIGHT_FILES: tuple[str, ...] = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME)
+
+
+class CheckpointState(Mapping[str, np.ndarray]):
+    """Lazy ``{canonical name: numpy array}`` over one or several files; ``shapes()`` reads no data."""
+
+    def __init__(self, source: Path, parts: list[Mapping[str, np.ndarray]]):
+        self.source = source
+        self._where: dict[str, Mapping[str, np.ndarray]] = {}
+        for part in parts:
+            for key in part:
+                if key in self._where:
+                    raise CheckpointError(f"{source}: key {key!r} appears in more than one shard")
+                self._where[key] = part
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for key, part in self._where.items():
+            out[key] = part.shape(key) if isinstance(part, SafetensorsFile) else tuple(part[key].shape)
+        return out
+
+
+def find_weights(folder: str | os.PathLike[str]) -> Path:
+    """The preferred weight file in ``folder`` (see :data:`WEIGHT_FILES`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory (trivit never downloads; pass a local folder)")
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no weight file in {folder}; looked for {list(WEIGHT_FILES)}")
+
+
+def _read_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid sharded-checkpoint index ({e!r})") from None
+    for shard in shards:
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name")
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} is listed but missing")
+    return [index.parent / s for s in shards]
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle; reading it needs torch: pip install 'trivit[torch]' "
+            "(or convert it to model.safetensors)"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path}: cannot be read safely with weights_only=True ({e})") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    out = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        out[key] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointState:
+    """Open a checkpoint directory (or one weight file) for lazy reading."""
+    p = Path(path)
+    file = find_weights(p) if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}")
+    if file.name.endswith(".index.json"):
+        shards = _read_index(file)
+    else:
+        shards = [file]
+    parts: list[Mapping[str, np.ndarray]] = [
+        SafetensorsFile(s) if s.suffix == ".safetensors" else _read_torch_bin(s) for s in shards
+    ]
+    return CheckpointState(file, parts)
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` → 5_000_000_000 (HF's units: KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * _UNITS[unit])
+            except ValueError:
+                break
+    raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB' or '200MB'")
+
+
+def _shards(tensors: Mapping[str, Any], max_bytes: int | None) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, arr in tensors.items():
+        n = tensor_nbytes(arr() if callable(arr) else arr)
+        if max_bytes is not None and groups[-1] and used + n > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += n
+    return groups
+
+
+def write_checkpoint(
+    folder: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    config_dict: Mapping[str, Any] | None = None,
+    *,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
+    """Write ``config.json`` and the weights into ``folder`` atomically, all or nothing.
+
+    Returns the files written. Weight files of the other layout (sharded vs. single) left by an
+    earlier save are removed after the new ones are in place, so a folder never mixes two saves.
+    """
+    folder = Path(folder)
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    groups = _shards(tensors, max_bytes)
+    written: list[str] = []
+    with staged_files(folder) as open_staged:
+        if config_dict is not None:
+            with open_staged(CONFIG_NAME) as fh:
+                fh.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+            written.append(CONFIG_NAME)
+        if len(groups) == 1:
+            with open_staged(SAFE_WEIGHTS_NAME) as fh:
+                write_safetensors(fh, tensors)
+            written.append(SAFE_WEIGHTS_NAME)
+        else:
+            weight_map = {}
+            total = 0
+            for i, names in enumerate(groups, 1):
+                shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+                with open_staged(shard) as fh:
+                    write_safetensors(fh, {n: tensors[n] for n in names})
+                written.append(shard)
+                for n in names:
+                    weight_map[n] = shard
+                    total += tensor_nbytes(tensors[n]() if callable(tensors[n]) else tensors[n])
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with open_staged(SAFE_WEIGHTS_INDEX_NAME) as fh:
+                fh.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+            written.append(SAFE_WEIGHTS_INDEX_NAME)
+    # Remove weights of an earlier save that the new files do not replace.
+    for stale in folder.glob("model*.safetensors*"):
+        if stale.name not in written and (stale.name == SAFE_WEIGHTS_NAME or stale.name.startswith("model-")
+                                          or stale.name == SAFE_WEIGHTS_INDEX_NAME):
+            stale.unlink()
+    return [folder / w for w in written]

@@ -1,0 +1,313 @@
+"""Model configuration: HF-4.x-compatible ``ViTConfig`` that reads and writes ``config.json``.
+
+Every default lives here and only here. Unknown keys found in a ``config.json`` are kept on
+``config.extra`` and written back, so a round trip through trivit loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from .atomic import atomic_write_json
+
+__all__ = ["ConfigError", "ViTConfig", "SUPPORTED_ACTIVATIONS", "CONFIG_NAME", "VIT_VARIANTS"]
+
+CONFIG_NAME = "config.json"
+
+#: ``hidden_act`` values every framework implements, with the same numerics as HF PyTorch's ACT2FN.
+SUPPORTED_ACTIVATIONS: tuple[str, ...] = (
+    "gelu",  # exact, erf-based
+    "relu",
+    "selu",
+    "gelu_new",  # tanh approximation
+    "gelu_pytorch_tanh",  # tanh approximation (same formula, PyTorch's kernel)
+    "quick_gelu",  # x * sigmoid(1.702 x)
+    "silu",
+)
+#: ``pooler_act`` may also be tanh (HF's default).
+SUPPORTED_POOLER_ACTIVATIONS: tuple[str, ...] = ("tanh", *SUPPORTED_ACTIVATIONS)
+#: Kernels for resizing the position-embedding grid (``interpolate_pos_encoding``).
+SUPPORTED_INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear")
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
+#: Fields that describe a run, not a model: never serialised.
+_RUNTIME_FIELDS: frozenset[str] = frozenset({"attn_implementation"})
+PROBLEM_TYPES: tuple[str, ...] = (
+    "regression",
+    "single_label_classification",
+    "multi_label_classification",
+)
+
+#: Named presets: width, depth, heads, MLP width (the ViT paper's table, plus DeiT's Ti and S).
+VIT_VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+VIT_PATCH_SIZES: tuple[int, ...] = (8, 14, 16, 32)
+
+
+class ConfigError(ValueError):
+    """A configuration field has an invalid value; the message names the field."""
+
+
+C = TypeVar("C", bound="ViTConfig")
+
+
+def _label_maps(num_labels: int) -> tuple[dict[int, str], dict[str, int]]:
+    id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+    return id2label, {v: k for k, v in id2label.items()}
+
+
+@dataclass
+class ViTConfig:
+    """Configuration of a ViT model; field names and defaults are those of HF transformers 4.x.
+
+    Shape bookkeeping: an image of ``image_size`` (int or (H, W)) is cut into
+    ``(H // patch_size) * (W // patch_size)`` patches; the sequence adds one class token.
+    """
+
+    model_type: ClassVar[str] = "vit"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    encoder_stride: int = 16
+    pooler_output_size: int | None = None
+    pooler_act: str = "tanh"
+    # trivit parity knob (not in HF; HF PyTorch uses bicubic, align_corners=False, no antialias).
+    interpolate_pos_mode: str = "bicubic"
+    #: "sdpa" (fused kernel) or "eager" (explicit softmax); both give the same numbers, and either
+    #: returns correct attentions / honours head_mask. Not written to config.json (as in HF).
+    attn_implementation: str = "sdpa"
+    # Fields common to every HF config.
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    num_labels: int | None = None
+    problem_type: str | None = None
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    return_dict: bool = True
+    architectures: list[str] | None = None
+    #: Keys we do not model (``transformers_version``, ``dtype``, ...), kept for the round trip.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)  # type: ignore[assignment]
+        if not self.pooler_output_size:
+            self.pooler_output_size = self.hidden_size
+        self._init_labels()
+        self.validate()
+
+    # ----------------------------------------------------------------- labels
+    def _init_labels(self) -> None:
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if self.num_labels is not None and self.num_labels != len(self.id2label):
+                raise ConfigError(
+                    f"num_labels={self.num_labels} disagrees with id2label, which has "
+                    f"{len(self.id2label)} entries"
+                )
+            self.num_labels = len(self.id2label)
+        else:
+            n = 2 if self.num_labels is None else self.num_labels
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ConfigError(f"num_labels must be an int >= 0, got {n!r}")
+            self.num_labels = n
+            self.id2label, _ = _label_maps(n)
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        else:
+            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+
+    def set_num_labels(self, num_labels: int) -> None:
+        """Change the number of labels, regenerating ``id2label``/``label2id`` (HF semantics)."""
+        self.id2label, self.label2id = None, None
+        self.num_labels = num_labels
+        self._init_labels()
+
+    # ------------------------------------------------------------- validation
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``image_size`` as (height, width)."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.image_hw
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        for name in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "patch_size", "num_channels", "encoder_stride", "pooler_output_size",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        h, w = self.image_hw if isinstance(self.image_size, (int, tuple)) else (0, 0)
+        if min(h, w) <= 0 or (isinstance(self.image_size, tuple) and len(self.image_size) != 2):
+            raise ConfigError(f"image_size must be a positive int or (height, width), got {self.image_size!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if h % self.patch_size or w % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size!r} must be divisible by patch_size ({self.patch_size})"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported; choose one of {list(SUPPORTED_ACTIVATIONS)}"
+            )
+        if self.pooler_act not in SUPPORTED_POOLER_ACTIVATIONS:
+            raise ConfigError(
+                f"pooler_act {self.pooler_act!r} is not supported; choose one of {list(SUPPORTED_POOLER_ACTIVATIONS)}"
+            )
+        if self.interpolate_pos_mode not in SUPPORTED_INTERPOLATIONS:
+            raise ConfigError(
+                f"interpolate_pos_mode {self.interpolate_pos_mode!r} is not supported; choose one of "
+                f"{list(SUPPORTED_INTERPOLATIONS)}"
+            )
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"attn_implementation {self.attn_implementation!r} must be one of {list(ATTN_IMPLEMENTATIONS)}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ConfigError(f"{name} must be a float in [0, 1), got {p!r}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive float, got {v!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type {self.problem_type!r} must be None or one of {list(PROBLEM_TYPES)}")
+
+    # ---------------------------------------------------------- construction
+    @classmethod
+    def from_variant(cls: type[C], name: str, **overrides: Any) -> C:
+        """A named preset such as ``"B/16"``, ``"ti/8"``, ``"L/14"`` (width/depth/heads from the ViT paper)."""
+        try:
+            size, patch = name.replace("-", "/").split("/")
+            key = {k.lower(): k for k in VIT_VARIANTS}[size.lower()]
+            patch_size = int(patch)
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"unknown ViT variant {name!r}; expected SIZE/PATCH with SIZE in "
+                f"{list(VIT_VARIANTS)} and PATCH in {list(VIT_PATCH_SIZES)}, e.g. 'B/16'"
+            ) from None
+        if patch_size not in VIT_PATCH_SIZES:
+            raise ConfigError(f"unknown patch size in variant {name!r}; choose one of {list(VIT_PATCH_SIZES)}")
+        hidden, depth, heads, mlp = VIT_VARIANTS[key]
+        kwargs: dict[str, Any] = dict(
+            hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
+            intermediate_size=mlp, patch_size=patch_size, encoder_stride=patch_size,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def _field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)} - {"extra"}
+
+    @classmethod
+    def from_dict(cls: type[C], config_dict: Mapping[str, Any], **overrides: Any) -> C:
+        """Build from an HF-style dict; unknown keys go to ``extra``; ``overrides`` win."""
+        merged = {**config_dict, **overrides}
+        known = cls._field_names()
+        model_type = merged.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"model_type is {model_type!r}, but {cls.__name__} expects {cls.model_type!r}")
+        extra = dict(merged.pop("extra", {}) or {})
+        kwargs = {}
+        for k, v in merged.items():
+            (kwargs if k in known else extra)[k] = v
+        if "num_labels" in overrides and "id2label" not in overrides:
+            kwargs.pop("id2label", None)
+            kwargs.pop("label2id", None)
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls: type[C], path: str | os.PathLike[str]) -> C:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls: type[C], path: str | os.PathLike[str], **overrides: Any) -> C:
+        """Read ``path/config.json`` (or ``path`` itself if it is a JSON file); ``overrides`` win."""
+        p = Path(path)
+        file = p / CONFIG_NAME if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} found at {p} (trivit never downloads; pass a local folder)")
+        config = cls.from_json_file(file)
+        return cls.from_dict(config.to_dict(), **overrides) if overrides else config
+
+    # ------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """An HF-compatible dict (``id2label`` keys as strings, as in ``config.json``)."""
+        out: dict[str, Any] = dict(self.extra)
+        for name in sorted(self._field_names() - _RUNTIME_FIELDS):
+            out[name] = copy.deepcopy(getattr(self, name))
+        out["image_size"] = self.image_size if isinstance(self.image_size, int) else list(self.image_size)
+        out["id2label"] = {str(k): v for k, v in (self.id2label or {}).items()}
+        out["model_type"] = self.model_type
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``save_directory/config.json`` atomically."""
+        atomic_write_json(Path(save_directory) / CONFIG_NAME, self.to_dict())
+
+    def copy(self: C, **changes: Any) -> C:
+        return type(self).from_dict({**self.to_dict(), "attn_implementation": self.attn_implementation}, **changes)
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    @property
+    def _attn_implementation(self) -> str:  # HF spelling
+        return self.attn_implementation
+
+    def resolve_problem_type(self, labels_are_integers: bool) -> str:
+        """``problem_type`` if set, else HF's inference: one label → regression; integer labels →
+        single-label classification; otherwise multi-label. Unlike HF, the config is not mutated."""
+        if self.problem_type is not None:
+            return self.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        return "single_label_classification" if labels_are_integers else "multi_label_classification"

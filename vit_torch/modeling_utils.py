@@ -1,0 +1,260 @@
+"""PyTorch side of the checkpoint contract: init, ``from_pretrained``, ``save_pretrained``.
+
+Every model loads and saves through its table in :mod:`vit_core.weights`; PyTorch's own
+parameter names *are* the canonical names, so no renaming happens here, only checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from vit_core.checkpoint import read_checkpoint, write_checkpoint
+from vit_core.config import ViTConfig
+from vit_core.safetensors_io import RawTensor
+from vit_core.weights import Init, ParamSpec, param_specs, plan_load
+
+__all__ = ["TorchPreTrainedModel", "activation", "resolve_dtype"]
+
+M = TypeVar("M", bound="TorchPreTrainedModel")
+
+
+class _NewGELU(nn.Module):
+    """HF's ``gelu_new``: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class _QuickGELU(nn.Module):
+    """x·σ(1.702·x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Any] = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_new": _NewGELU,
+    "quick_gelu": _QuickGELU,
+    "relu": nn.ReLU,
+    "selu": nn.SELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """The activation module for a config name (names validated by :class:`ViTConfig`)."""
+    return _ACTIVATIONS[name]()
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: hub-only keywords of HF's from_pretrained that mean nothing for a local folder.
+_IGNORED_HUB_KWARGS = frozenset({"local_files_only", "cache_dir", "revision", "use_safetensors", "low_cpu_mem_usage"})
+
+
+def resolve_dtype(dtype: Any, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """``torch.float16``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's own float dtype) → torch dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return _DTYPES.get(checkpoint_dtype or "float32", torch.float32)
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r} is not supported; use a torch dtype, one of {list(_DTYPES)}, or 'auto'")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray | RawTensor:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return RawTensor(t.view(torch.int16).numpy().view(np.uint16), "BF16")
+    return t.numpy()
+
+
+class TorchPreTrainedModel(nn.Module):
+    """Base of every trivit PyTorch model; mirrors HF's ``PreTrainedModel`` where it matters."""
+
+    config_class = ViTConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self._table_flags: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ weights table
+    def param_specs(self) -> list[ParamSpec]:
+        """This model's rows of the canonical checkpoint table."""
+        return param_specs(type(self).__name__, self.config, **self._table_flags)
+
+    def post_init(self) -> None:
+        """Check the module tree against the table, then initialise every weight as HF does."""
+        specs = self.param_specs()
+        names = dict(self.named_parameters())
+        if set(names) != {s.name for s in specs}:
+            raise RuntimeError(
+                f"{type(self).__name__} parameters disagree with the checkpoint table: "
+                f"only in model {sorted(set(names) - {s.name for s in specs})}, "
+                f"only in table {sorted({s.name for s in specs} - set(names))}"
+            )
+        with torch.no_grad():
+            for spec in specs:
+                self._init_param(names[spec.name], spec)
+
+    def _init_param(self, param: torch.Tensor, spec: ParamSpec) -> None:
+        if spec.init is Init.TRUNC_NORMAL:
+            std = self.config.initializer_range
+            param.copy_(nn.init.trunc_normal_(torch.empty(param.shape), mean=0.0, std=std).to(param.dtype))
+        elif spec.init is Init.ZEROS:
+            param.zero_()
+        else:
+            param.fill_(1.0)
+
+    # ------------------------------------------------------------------ forward helpers
+    def _output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        c = self.config
+        return (
+            c.output_attentions if output_attentions is None else bool(output_attentions),
+            c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            c.return_dict if return_dict is None else bool(return_dict),
+        )
+
+    def _head_mask(self, head_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1) in the model dtype."""
+        if head_mask is None:
+            return None
+        c = self.config
+        head_mask = torch.as_tensor(head_mask)
+        if head_mask.shape == (c.num_attention_heads,):
+            head_mask = head_mask.expand(c.num_hidden_layers, -1)
+        if head_mask.shape != (c.num_hidden_layers, c.num_attention_heads):
+            raise ValueError(
+                f"head_mask must have shape (num_heads,) = ({c.num_attention_heads},) or (num_layers, num_heads) = "
+                f"({c.num_hidden_layers}, {c.num_attention_heads}), got {tuple(head_mask.shape)}"
+            )
+        return head_mask[:, None, :, None, None].to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each encoder layer in the backward pass instead of storing its activations."""
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # ------------------------------------------------------------------ save / load
+    def state_dict_numpy(self) -> dict[str, np.ndarray | RawTensor]:
+        """Canonical ``{name: array}`` in table order (what :meth:`save_pretrained` writes)."""
+        params = dict(self.named_parameters())
+        return {spec.name: _to_numpy(params[spec.name]) for spec in self.param_specs()}
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        max_shard_size: int | str | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (sharded above ``max_shard_size``), atomically."""
+        if not safe_serialization:
+            raise ValueError("trivit writes safetensors only (no pickles); drop safe_serialization=False")
+        if not is_main_process:
+            return
+        config_dict = self.config.to_dict()
+        config_dict["architectures"] = [type(self).__name__]
+        config_dict["dtype"] = str(self.dtype).removeprefix("torch.")
+        write_checkpoint(save_directory, self.state_dict_numpy(), config_dict, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *model_args: Any,
+        config: ViTConfig | None = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        attn_implementation: str | None = None,
+        ignore_mismatched_sizes: bool = False,
+        output_loading_info: bool = False,
+        **kwargs: Any,
+    ) -> M | tuple[M, dict[str, list]]:
+        """Build the model from a local folder holding ``config.json`` and weights.
+
+        Keyword arguments that are constructor flags (``add_pooling_layer=False``) go to the
+        constructor; those that are config fields (``num_labels=10``) override the config.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (trivit never downloads; pass a local folder)")
+        init_params = set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
+        init_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in init_params}
+        for k in _IGNORED_HUB_KWARGS & set(kwargs):
+            kwargs.pop(k)
+        known = ViTConfig._field_names()
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {unknown}")
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if config is None:
+            config = cls.config_class.from_pretrained(path, **kwargs)
+        elif kwargs:
+            config = config.copy(**kwargs)
+        state = read_checkpoint(path)
+        shapes = state.shapes()
+        ckpt_dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
+        target = resolve_dtype(torch_dtype if dtype is None else dtype, ckpt_dtype)
+
+        model = cls(config, *model_args, **init_kwargs)
+        plan = plan_load(
+            model.param_specs(), shapes, source=str(state.source), ignore_mismatched_sizes=ignore_mismatched_sizes
+        )
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, key in plan.sources.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only memory map → copied right away
+                    params[name].copy_(torch.from_numpy(np.asarray(state[key])))
+        if (msg := plan.warning()) is not None:
+            warnings.warn(f"{cls.__name__}.from_pretrained({str(path)!r}): {msg}", stacklevel=2)
+        model = model.to(target).eval()
+        return (model, plan.loading_info()) if output_loading_info else model
+
+

@@ -1,0 +1,403 @@
+"""ViT in PyTorch, at Hugging Face transformers 4.x parity (names, signatures, numbers).
+
+Shapes: B batch, C channels, H×W image, p patch size, N = (H//p)·(W//p) patches,
+S = N + 1 tokens (class token first), D hidden size, h heads, d = D/h head size.
+Attribute names equal HF's, so ``state_dict()`` keys are the canonical checkpoint names.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vit_core.config import ViTConfig
+from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+
+from .modeling_utils import TorchPreTrainedModel, activation
+
+__all__ = ["ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling", "ViTPreTrainedModel"]
+
+
+class ViTPatchEmbeddings(nn.Module):
+    """(B, C, H, W) → (B, N, D) by a stride-p convolution, patches in row-major order."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.image_size = config.image_hw
+        self.patch_size = (config.patch_size, config.patch_size)
+        self.num_channels = config.num_channels
+        self.num_patches = config.num_patches
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+        _, c, h, w = pixel_values.shape
+        if c != self.num_channels:
+            raise ValueError(
+                f"pixel_values has {c} channels (shape {tuple(pixel_values.shape)}), but config.num_channels is "
+                f"{self.num_channels}; inputs are NCHW"
+            )
+        if not interpolate_pos_encoding and (h, w) != self.image_size:
+            raise ValueError(
+                f"Input image size ({h}*{w}) doesn't match model ({self.image_size[0]}*{self.image_size[1]}); "
+                "pass interpolate_pos_encoding=True to run at another resolution"
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class ViTEmbeddings(nn.Module):
+    """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
+
+    def __init__(self, config: ViTConfig, use_mask_token: bool = False):
+        super().__init__()
+        d = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d)) if use_mask_token else None
+        self.patch_embeddings = ViTPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, d))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.patch_size = config.patch_size
+        self.config = config
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for an H×W input: the patch grid resized to (H//p, W//p)."""
+        grid = tuple(s // self.patch_size for s in self.config.image_hw)
+        new_grid = (height // self.patch_size, width // self.patch_size)
+        if new_grid == grid:
+            return self.position_embeddings
+        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        d = embeddings.shape[-1]
+        patch_pos = patch_pos.reshape(1, *grid, d).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=new_grid, mode=self.config.interpolate_pos_mode, align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, d)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        b, _, h, w = pixel_values.shape
+        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            if tuple(bool_masked_pos.shape) != tuple(embeddings.shape[:2]):
+                raise ValueError(
+                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
+            mask = bool_masked_pos.unsqueeze(-1).type_as(embeddings)
+            embeddings = embeddings * (1.0 - mask) + self.mask_token.expand(b, embeddings.shape[1], -1) * mask
+        embeddings = torch.cat((self.cls_token.expand(b, -1, -1), embeddings), dim=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(embeddings, h, w)
+        else:
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings)
+
+
+class ViTSelfAttention(nn.Module):
+    """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.all_head_size = config.hidden_size
+        self.scaling = self.attention_head_size**-0.5
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+    def forward(
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, s, _ = hidden_states.shape
+        split = lambda x: x.view(b, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.query(hidden_states)), split(self.key(hidden_states)), split(self.value(hidden_states))
+        p = self.dropout_prob if self.training else 0.0
+        probs = None
+        if self.config.attn_implementation == "sdpa" and head_mask is None and not output_attentions:
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scaling)
+        else:  # explicit path: needed for the probabilities and for head_mask, which sdpa cannot apply
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            probs = F.dropout(probs, p=p, training=self.training)
+            if head_mask is not None:
+                probs = probs * head_mask
+            context = torch.matmul(probs, v)
+        return context.transpose(1, 2).reshape(b, s, self.all_head_size), probs
+
+
+class ViTSelfOutput(nn.Module):
+    """Attention output projection; the residual is added in :class:`ViTLayer`."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.attention = ViTSelfAttention(config)
+        self.output = ViTSelfOutput(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, probs = self.attention(hidden_states, head_mask, output_attentions)
+        return self.output(context), probs
+
+
+class ViTIntermediate(nn.Module):
+    """(B, S, D) → (B, S, intermediate_size), then the activation."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = activation(config.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class ViTOutput(nn.Module):
+    """(B, S, intermediate_size) → (B, S, D), plus the residual ``input_tensor``."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states)) + input_tensor
+
+
+class ViTLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.attention = ViTAttention(config)
+        self.intermediate = ViTIntermediate(config)
+        self.output = ViTOutput(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_output, probs = self.attention(self.layernorm_before(hidden_states), head_mask, output_attentions)
+        hidden_states = attention_output + hidden_states
+        layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
+        return layer_output, probs
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([ViTLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn: tuple[torch.Tensor, ...] | None = () if output_attentions else None
+        for i, layer in enumerate(self.layer):
+            layer_mask = None if head_mask is None else head_mask[i]
+            if self.gradient_checkpointing and self.training:
+                hidden_states, probs = checkpoint(layer, hidden_states, layer_mask, output_attentions, use_reentrant=False)
+            else:
+                hidden_states, probs = layer(hidden_states, layer_mask, output_attentions)
+            if all_hidden is not None:
+                all_hidden += (hidden_states,)
+            if all_attn is not None:
+                all_attn += (probs,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
+
+
+class ViTPooler(nn.Module):
+    """Class token → dense → activation: (B, S, D) → (B, pooler_output_size)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.pooler_output_size)
+        self.activation = activation(config.pooler_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class ViTPreTrainedModel(TorchPreTrainedModel):
+    """Shared machinery (init, from_pretrained, save_pretrained) lives in :class:`TorchPreTrainedModel`."""
+
+
+class ViTModel(ViTPreTrainedModel):
+    """The bare encoder. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
+
+    def __init__(self, config: ViTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        super().__init__(config)
+        self.embeddings = ViTEmbeddings(config, use_mask_token=use_mask_token)
+        self.encoder = ViTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = ViTPooler(config) if add_pooling_layer else None
+        self._table_flags = {"add_pooling_layer": add_pooling_layer, "use_mask_token": use_mask_token}
+        self.post_init()
+
+    def get_input_embeddings(self) -> ViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        head_mask = self._head_mask(head_mask)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        embedding_output = self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
+        )
+        encoded = self.encoder(embedding_output, head_mask, output_attentions, output_hidden_states)
+        sequence_output = self.layernorm(encoded.last_hidden_state)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class ViTForImageClassification(ViTPreTrainedModel):
+    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.vit(
+            pixel_values,
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
+        loss = None if labels is None else self._classification_loss(logits, labels)
+        out = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits."""
+        labels = labels.to(logits.device)
+        kind = self.config.resolve_problem_type(not labels.is_floating_point())
+        if kind == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if kind == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long(), ignore_index=-100)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class ViTForMaskedImageModeling(ViTPreTrainedModel):
+    """SimMIM: encoder with mask tokens, 1×1 conv to stride²·C channels, pixel shuffle → (B, C, H, W)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__(config)
+        self.vit = ViTModel(config, add_pooling_layer=False, use_mask_token=True)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(config.encoder_stride),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskedImageModelingOutput | tuple:
+        cfg = self.config
+        if bool_masked_pos is not None and cfg.patch_size != cfg.encoder_stride:
+            raise ValueError(
+                "When `bool_masked_pos` is provided, `patch_size` must be equal to `encoder_stride` so that the "
+                f"reconstruction has the input's size. Got patch_size={cfg.patch_size}, encoder_stride={cfg.encoder_stride}."
+            )
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        outputs = self.vit(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        assert pixel_values is not None
+        gh, gw = pixel_values.shape[2] // cfg.patch_size, pixel_values.shape[3] // cfg.patch_size
+        tokens = outputs.last_hidden_state[:, 1:]  # (B, N, D), N = gh·gw
+        grid = tokens.permute(0, 2, 1).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
+        reconstruction = self.decoder(grid)
+        loss = None
+        if bool_masked_pos is not None:
+            mask = bool_masked_pos.reshape(-1, gh, gw)
+            mask = mask.repeat_interleave(cfg.patch_size, 1).repeat_interleave(cfg.patch_size, 2).unsqueeze(1)
+            mask = mask.to(reconstruction.dtype)
+            per_pixel = F.l1_loss(pixel_values.to(reconstruction.dtype), reconstruction, reduction="none")
+            loss = (per_pixel * mask).sum() / (mask.sum() + 1e-5) / cfg.num_channels
+        out = MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return out if return_dict else out.to_tuple()
