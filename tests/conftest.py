@@ -6,32 +6,25 @@ torch sees a GPU, else CPU). Tolerances per device live in ``tests/tolerances.py
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from tolerances import FP32_ATOL
+from frameworks import ADAPTERS
+from settings import ATOL, DEVICE
 
-#: Frameworks of the shared equivalence suite. Each has an adapter in ``frameworks.py``.
-FRAMEWORKS = ["pt"]
-
-
-def _device() -> str:
-    want = os.environ.get("TRIVIT_TEST_DEVICE", "auto")
-    if want not in ("auto", "cpu", "cuda"):
-        raise pytest.UsageError(f"TRIVIT_TEST_DEVICE must be auto, cpu or cuda, got {want!r}")
-    if want == "cpu":
-        return "cpu"
-    import torch
-
-    if want == "cuda" and not torch.cuda.is_available():
-        raise pytest.UsageError("TRIVIT_TEST_DEVICE=cuda but torch sees no GPU")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+#: Frameworks of the shared equivalence suite, in this order; each has an adapter in ``frameworks*.py``.
+FRAMEWORKS = [name for name in ("pt", "tf", "flax") if name in ADAPTERS]
 
 
-DEVICE = _device()
-ATOL = FP32_ATOL[DEVICE]
+#: Largest difference seen per comparison group ("pt vs hf", "tf vs pt", ...), printed at the end.
+MAX_DIFFS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MAX_DIFFS:
+        terminalreporter.write_sep("-", "max abs differences measured (fp32)")
+        for group, diff in sorted(MAX_DIFFS.items()):
+            terminalreporter.write_line(f"{group}: {diff:.3g}")
 
 
 def pytest_report_header(config):  # noqa: ARG001
@@ -50,8 +43,6 @@ def pytest_configure(config):  # noqa: ARG001
 
 @pytest.fixture(params=FRAMEWORKS)
 def framework(request):
-    from frameworks import ADAPTERS
-
     return ADAPTERS[request.param]()
 
 
@@ -61,7 +52,10 @@ def device() -> str:
 
 
 def assert_outputs_close(actual: dict, expected: dict, atol: float = ATOL, where: str = "") -> float:
-    """Compare two output dicts field by field (same field names required); returns the max abs diff."""
+    """Compare two output dicts field by field (same field names required); returns the max abs diff.
+
+    ``where`` reads "GROUP [detail]"; the worst difference per GROUP is printed after the run.
+    """
     assert list(actual) == list(expected), f"{where}: output fields differ: {list(actual)} vs {list(expected)}"
     worst = 0.0
     for key in expected:
@@ -77,4 +71,6 @@ def assert_outputs_close(actual: dict, expected: dict, atol: float = ATOL, where
             diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
             assert diff <= atol, f"{where}: {name} differs by {diff:.3g} > {atol:g}"
             worst = max(worst, diff)
+    group = where.partition(" [")[0]  # "tf vs pt [case]" -> "tf vs pt"
+    MAX_DIFFS[group] = max(MAX_DIFFS.get(group, 0.0), worst)
     return worst

@@ -6,6 +6,8 @@ Every adapter has the same three methods, so one test body serves every framewor
 * ``run(model, inputs, **call_kwargs)``: ``inputs`` is a dict of numpy arrays (NCHW
   ``pixel_values``, optional ``bool_masked_pos``, ``head_mask``, ``labels``); returns the output
   as ``{field: ndarray | tuple[ndarray, ...]}`` in the model's field order.
+* ``run_tuple(model, inputs, **call_kwargs)``: the same call with ``return_dict=False``, as a
+  tuple of numpy arrays / tuples.
 * ``name``: "pt", "hf" (the transformers 4.x PyTorch oracle), later "tf" and "flax".
 """
 
@@ -13,18 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import DEVICE
+from settings import DEVICE
 
 
-def _to_numpy_tree(out) -> dict:
-    result = {}
-    for key in out.keys():
-        value = out[key]
-        if isinstance(value, tuple):
-            result[key] = tuple(v.detach().cpu().numpy() for v in value)
-        else:
-            result[key] = value.detach().cpu().numpy()
-    return result
+def _np(value):
+    return tuple(_np(v) for v in value) if isinstance(value, tuple) else value.detach().cpu().numpy()
 
 
 class TorchAdapter:
@@ -39,15 +34,20 @@ class TorchAdapter:
         model = getattr(self._module(), class_name).from_pretrained(path, **flags)
         return model.to(DEVICE).eval()
 
-    def run(self, model, inputs: dict, **kwargs) -> dict:
+    def _call(self, model, inputs: dict, **kwargs):
         import torch
 
-        def tensor(x):
-            return torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE)
-
         with torch.no_grad():
-            out = model(**{k: tensor(v) for k, v in inputs.items()}, **kwargs)
-        return _to_numpy_tree(out)
+            return model(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(DEVICE) for k, v in inputs.items()}, **kwargs)
+
+    def run(self, model, inputs: dict, **kwargs) -> dict:
+        out = self._call(model, inputs, **kwargs)
+        return {key: _np(out[key]) for key in out.keys()}
+
+    def run_tuple(self, model, inputs: dict, **kwargs) -> tuple:
+        out = self._call(model, inputs, return_dict=False, **kwargs)
+        assert isinstance(out, tuple), f"return_dict=False gave {type(out).__name__}"
+        return _np(out)
 
 
 class HFTorchAdapter(TorchAdapter):
@@ -61,8 +61,30 @@ class HFTorchAdapter(TorchAdapter):
         return transformers
 
     def load(self, class_name: str, path, **flags):
+        import json
+
+        import torch
+        from transformers.activations import ACT2FN
+
         flags.setdefault("attn_implementation", "eager")
-        return super().load(class_name, path, **flags)
+        act = json.loads((path / "config.json").read_text())["hidden_act"]
+        if act in ACT2FN:
+            return super().load(class_name, path, **flags)
+        # HF's ACT2FN lacks "selu" (trivit supports it): build HF's model with a placeholder
+        # activation and put torch's own module in its place, so the rest is still HF's code.
+        model = super().load(class_name, path, hidden_act="relu", **flags)
+        for module in model.modules():
+            if hasattr(module, "intermediate_act_fn"):
+                module.intermediate_act_fn = {"selu": torch.nn.SELU}[act]()
+        return model
 
 
 ADAPTERS = {"pt": TorchAdapter, "hf": HFTorchAdapter}
+
+# The TF and Flax adapters live beside this file, one module each.
+for _name, _module, _cls in (("tf", "frameworks_tf", "TFAdapter"), ("flax", "frameworks_flax", "FlaxAdapter")):
+    try:
+        ADAPTERS[_name] = getattr(__import__(_module), _cls)
+    except ModuleNotFoundError as _e:
+        if _e.name != _module:
+            raise

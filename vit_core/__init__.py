@@ -1,0 +1,21 @@
+"""trivit's framework-agnostic core: config, image processors, checkpoint contract.
+
+Imports only numpy, Pillow and the standard library (tested): no torch, tensorflow or jax.
+"""
+
+from .checkpoint import read_checkpoint, write_checkpoint
+from .config import ConfigError, ViTConfig
+from .image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor
+from .safetensors_io import CheckpointError
+
+__all__ = [
+    "BatchFeature",
+    "CheckpointError",
+    "ConfigError",
+    "ViTConfig",
+    "ViTFeatureExtractor",
+    "ViTImageProcessor",
+    "read_checkpoint",
+    "write_checkpoint",
+]
+__version__ = "0.1.0"

@@ -82,8 +82,8 @@ class ViTEmbeddings(nn.Module):
         bool_masked_pos: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
-        b, _, h, w = pixel_values.shape
         embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        b, _, h, w = pixel_values.shape  # validated by the patch embedding
         if bool_masked_pos is not None:
             if self.mask_token is None:
                 raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
