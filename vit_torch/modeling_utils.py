@@ -6,21 +6,21 @@ parameter names *are* the canonical names, so no renaming happens here, only che
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from vit_core.checkpoint import read_checkpoint, write_checkpoint
+from vit_core.checkpoint import write_checkpoint
+from vit_core.checks import head_mask_layers
 from vit_core.config import ViTConfig
 from vit_core.safetensors_io import RawTensor
-from vit_core.weights import Init, ParamSpec, param_specs, plan_load
+from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
+from vit_core.weights import Init, ParamSpec, param_specs
 
 __all__ = ["TorchPreTrainedModel", "activation", "resolve_dtype"]
 
@@ -59,8 +59,6 @@ def activation(name: str) -> nn.Module:
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-#: hub-only keywords of HF's from_pretrained that mean nothing for a local folder.
-_IGNORED_HUB_KWARGS = frozenset({"local_files_only", "cache_dir", "revision", "use_safetensors", "low_cpu_mem_usage"})
 
 
 def resolve_dtype(dtype: Any, checkpoint_dtype: str | None = None) -> torch.dtype:
@@ -141,15 +139,9 @@ class TorchPreTrainedModel(nn.Module):
         """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1) in the model dtype."""
         if head_mask is None:
             return None
-        c = self.config
         head_mask = torch.as_tensor(head_mask)
-        if head_mask.shape == (c.num_attention_heads,):
-            head_mask = head_mask.expand(c.num_hidden_layers, -1)
-        if head_mask.shape != (c.num_hidden_layers, c.num_attention_heads):
-            raise ValueError(
-                f"head_mask must have shape (num_heads,) = ({c.num_attention_heads},) or (num_layers, num_heads) = "
-                f"({c.num_hidden_layers}, {c.num_attention_heads}), got {tuple(head_mask.shape)}"
-            )
+        if not head_mask_layers(head_mask.shape, self.config):
+            head_mask = head_mask.expand(self.config.num_hidden_layers, -1)
         return head_mask[:, None, :, None, None].to(self.dtype)
 
     @property
@@ -197,9 +189,7 @@ class TorchPreTrainedModel(nn.Module):
             raise ValueError("trivit writes safetensors only (no pickles); drop safe_serialization=False")
         if not is_main_process:
             return
-        config_dict = self.config.to_dict()
-        config_dict["architectures"] = [type(self).__name__]
-        config_dict["dtype"] = str(self.dtype).removeprefix("torch.")
+        config_dict = saved_config_dict(self.config, type(self).__name__, str(self.dtype).removeprefix("torch."))
         write_checkpoint(save_directory, self.state_dict_numpy(), config_dict, max_shard_size=max_shard_size)
 
     @classmethod
@@ -220,31 +210,17 @@ class TorchPreTrainedModel(nn.Module):
         Keyword arguments that are constructor flags (``add_pooling_layer=False``) go to the
         constructor; those that are config fields (``num_labels=10``) override the config.
         """
-        path = Path(pretrained_model_name_or_path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist (trivit never downloads; pass a local folder)")
-        init_params = set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
-        init_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in init_params}
-        for k in _IGNORED_HUB_KWARGS & set(kwargs):
-            kwargs.pop(k)
-        known = ViTConfig._field_names()
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {unknown}")
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        if config is None:
-            config = cls.config_class.from_pretrained(path, **kwargs)
-        elif kwargs:
-            config = config.copy(**kwargs)
-        state = read_checkpoint(path)
-        shapes = state.shapes()
+        path, config, init_kwargs = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
         ckpt_dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
         target = resolve_dtype(torch_dtype if dtype is None else dtype, ckpt_dtype)
-
         model = cls(config, *model_args, **init_kwargs)
-        plan = plan_load(
-            model.param_specs(), shapes, source=str(state.source), ignore_mismatched_sizes=ignore_mismatched_sizes
+        state, plan = match_checkpoint(
+            model.param_specs(),
+            path,
+            owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
         )
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -252,8 +228,6 @@ class TorchPreTrainedModel(nn.Module):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # read-only memory map → copied right away
                     params[name].copy_(torch.from_numpy(np.asarray(state[key])))
-        if (msg := plan.warning()) is not None:
-            warnings.warn(f"{cls.__name__}.from_pretrained({str(path)!r}): {msg}", stacklevel=2)
         model = model.to(target).eval()
         return (model, plan.loading_info()) if output_loading_info else model
 

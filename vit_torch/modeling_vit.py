@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vit_core.checks import check_bool_masked_pos, check_mim_mask_allowed, check_pixel_values
 from vit_core.config import ViTConfig
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
@@ -26,6 +27,7 @@ class ViTPatchEmbeddings(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
+        self.config = config
         self.image_size = config.image_hw
         self.patch_size = (config.patch_size, config.patch_size)
         self.num_channels = config.num_channels
@@ -33,19 +35,7 @@ class ViTPatchEmbeddings(nn.Module):
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
-        _, c, h, w = pixel_values.shape
-        if c != self.num_channels:
-            raise ValueError(
-                f"pixel_values has {c} channels (shape {tuple(pixel_values.shape)}), but config.num_channels is "
-                f"{self.num_channels}; inputs are NCHW"
-            )
-        if not interpolate_pos_encoding and (h, w) != self.image_size:
-            raise ValueError(
-                f"Input image size ({h}*{w}) doesn't match model ({self.image_size[0]}*{self.image_size[1]}); "
-                "pass interpolate_pos_encoding=True to run at another resolution"
-            )
+        check_pixel_values(pixel_values.shape, self.config, interpolate_pos_encoding)
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -85,13 +75,7 @@ class ViTEmbeddings(nn.Module):
         embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         b, _, h, w = pixel_values.shape  # validated by the patch embedding
         if bool_masked_pos is not None:
-            if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
-            if tuple(bool_masked_pos.shape) != tuple(embeddings.shape[:2]):
-                raise ValueError(
-                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, "
-                    f"got {tuple(bool_masked_pos.shape)}"
-                )
+            check_bool_masked_pos(bool_masked_pos.shape, b, embeddings.shape[1], self.mask_token is not None)
             mask = bool_masked_pos.unsqueeze(-1).type_as(embeddings)
             embeddings = embeddings * (1.0 - mask) + self.mask_token.expand(b, embeddings.shape[1], -1) * mask
         embeddings = torch.cat((self.cls_token.expand(b, -1, -1), embeddings), dim=1)
@@ -370,11 +354,8 @@ class ViTForMaskedImageModeling(ViTPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MaskedImageModelingOutput | tuple:
         cfg = self.config
-        if bool_masked_pos is not None and cfg.patch_size != cfg.encoder_stride:
-            raise ValueError(
-                "When `bool_masked_pos` is provided, `patch_size` must be equal to `encoder_stride` so that the "
-                f"reconstruction has the input's size. Got patch_size={cfg.patch_size}, encoder_stride={cfg.encoder_stride}."
-            )
+        if bool_masked_pos is not None:
+            check_mim_mask_allowed(cfg)
         return_dict = cfg.return_dict if return_dict is None else return_dict
         outputs = self.vit(
             pixel_values,
