@@ -41,7 +41,11 @@ def resolve_pretrained_args(
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (trivit never downloads; pass a local folder)")
     kwargs = {k: v for k, v in kwargs.items() if k not in IGNORED_HUB_KWARGS}
-    init_params = set(inspect.signature(model_cls.__init__).parameters) - {"self", "config"}
+    init_params = {
+        name
+        for name, p in inspect.signature(model_cls.__init__).parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in ("self", "config")
+    }
     init_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in init_params}
     unknown = sorted(set(kwargs) - config_class._field_names())
     if unknown:

@@ -69,6 +69,8 @@ def tensor_nbytes(arr: Any) -> int:
 
 def _raw_bytes(arr: Any) -> memoryview:
     data = arr.data if isinstance(arr, RawTensor) else np.asarray(arr)
+    if data.dtype.name == "bfloat16":  # ml_dtypes' bf16 cannot be exported as a buffer; its bits can
+        data = data.view(np.uint16)
     if data.dtype.byteorder == ">":
         data = data.byteswap().view(data.dtype.newbyteorder("<"))
     return memoryview(np.ascontiguousarray(data)).cast("B")

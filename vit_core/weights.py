@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ __all__ = [
     "param_specs",
     "LoadPlan",
     "plan_load",
+    "initial_value",
     "to_kernel_layout",
     "from_kernel_layout",
 ]
@@ -140,6 +142,23 @@ def param_specs(model_class: str, config: ViTConfig, **flags: bool) -> list[Para
     if name not in MODEL_CLASSES:
         raise KeyError(f"no weight table for model class {model_class!r}; known: {list(MODEL_CLASSES)}")
     return MODEL_CLASSES[name](config, **flags)
+
+
+def initial_value(spec: ParamSpec, std: float, rng: Any = np.random) -> np.ndarray:
+    """HF's initial value for one row, canonical layout, float32, drawn from ``rng`` (a numpy
+    ``Generator`` or the ``np.random`` module, which ``keras.utils.set_random_seed`` seeds).
+
+    Truncated normal: mean 0, std ``std``, cut at ±2 *absolute* (``torch.nn.init.trunc_normal_``'s
+    defaults, which HF PyTorch uses); out-of-range draws are redrawn.
+    """
+    if spec.init is Init.ZEROS:
+        return np.zeros(spec.shape, np.float32)
+    if spec.init is Init.ONES:
+        return np.ones(spec.shape, np.float32)
+    out = rng.standard_normal(spec.shape) * std
+    while (bad := np.abs(out) > 2.0).any():
+        out[bad] = rng.standard_normal(int(bad.sum())) * std
+    return out.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- layouts
