@@ -1,0 +1,37 @@
+"""The TF (Keras 3) adapter of the shared suite (interface in ``frameworks.py``).
+
+Importing this module does not import TensorFlow; ``load`` does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _np(value):
+    return tuple(_np(v) for v in value) if isinstance(value, tuple) else np.asarray(value)
+
+
+class TFAdapter:
+    name = "tf"
+
+    def load(self, class_name: str, path, **flags):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import vit_tf
+
+        flags.pop("attn_implementation", None)  # TF has one attention path; the numbers do not depend on it
+        return getattr(vit_tf, f"TF{class_name}").from_pretrained(path, **flags)
+
+    def _call(self, model, inputs: dict, **kwargs):
+        return model(**{k: np.ascontiguousarray(v) for k, v in inputs.items()}, **kwargs, training=False)
+
+    def run(self, model, inputs: dict, **kwargs) -> dict:
+        out = self._call(model, inputs, **kwargs)
+        return {key: _np(out[key]) for key in out.keys()}
+
+    def run_tuple(self, model, inputs: dict, **kwargs) -> tuple:
+        out = self._call(model, inputs, return_dict=False, **kwargs)
+        assert isinstance(out, tuple), f"return_dict=False gave {type(out).__name__}"
+        return _np(out)

@@ -1,0 +1,228 @@
+"""Keras 3 (TensorFlow backend) side of the checkpoint contract: init, ``from_pretrained``, ``save_pretrained``.
+
+The canonical checkpoint (HF PyTorch names and layouts, see :mod:`vit_core.weights`) is the
+only on-disk format. A canonical name such as ``vit.encoder.layer.0.attention.output.dense.weight``
+is a path of PyTorch attribute names; every Keras sublayer carries that attribute name as its
+``name=``, so :func:`resolve_variable` walks the path child by child and then maps the row's
+*kind* to the Keras variable (:data:`KIND_TO_VARIABLE`, the one place kinds are mapped).
+Layouts are transposed only by :func:`~vit_core.weights.to_kernel_layout` / ``from_kernel_layout``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, TypeVar
+
+import keras
+import numpy as np
+from keras import ops
+
+from vit_core.checkpoint import write_checkpoint
+from vit_core.checks import head_mask_layers
+from vit_core.config import ViTConfig
+from vit_core.outputs import ModelOutput
+from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
+from vit_core.weights import Kind, ParamSpec, from_kernel_layout, initial_value, param_specs, to_kernel_layout
+
+__all__ = ["TFPreTrainedModel", "activation", "resolve_variable", "KIND_TO_VARIABLE"]
+
+M = TypeVar("M", bound="TFPreTrainedModel")
+Tensor = Any  # a tf.Tensor / keras variable
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), written out as in PyTorch."""
+    return 0.5 * x * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * ops.power(x, 3.0))))
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": lambda x: ops.gelu(x, approximate=False),  # exact, erf-based
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
+    "relu": ops.relu,
+    "selu": ops.selu,
+    "silu": ops.silu,
+    "tanh": ops.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation function for a config name (names validated by :class:`ViTConfig`)."""
+    return _ACTIVATIONS[name]
+
+
+#: Parameter kind → attribute of the Keras layer holding it (``None``: the path's last part is the variable).
+KIND_TO_VARIABLE: dict[Kind, str | None] = {
+    Kind.LINEAR_WEIGHT: "kernel",  # Dense
+    Kind.CONV_WEIGHT: "kernel",  # Conv2D
+    Kind.BIAS: "bias",
+    Kind.NORM_WEIGHT: "gamma",  # LayerNormalization
+    Kind.NORM_BIAS: "beta",
+    Kind.EMBEDDING: None,  # add_weight on the owning layer (cls_token, mask_token, position_embeddings)
+}
+
+
+def _child(obj: Any, part: str) -> Any:
+    """One step of a canonical path: a list index, a sublayer by Keras name, else an attribute."""
+    if part.isdigit():
+        return obj[int(part)]
+    if isinstance(obj, keras.layers.Layer):
+        for layer in obj._flatten_layers(include_self=False, recursive=False):
+            if layer.name == part:
+                return layer
+    return getattr(obj, part)  # lists of layers (encoder.layer, decoder) and free variables
+
+
+def resolve_variable(model: keras.layers.Layer, spec: ParamSpec) -> keras.Variable:
+    """The Keras variable holding the canonical row ``spec`` of ``model``."""
+    parts = spec.name.split(".")
+    leaf = KIND_TO_VARIABLE[spec.kind]
+    if leaf is not None:
+        parts = parts[:-1]  # drop "weight"/"bias": the layer's own attribute name replaces it
+    obj: Any = model
+    for part in parts:
+        obj = _child(obj, part)
+    return obj if leaf is None else getattr(obj, leaf)
+
+
+class TFPreTrainedModel(keras.Model):
+    """Base of every trivit Keras model; mirrors :class:`vit_torch.modeling_utils.TorchPreTrainedModel`."""
+
+    config_class = ViTConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self._table_flags: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ weights table
+    def param_specs(self) -> list[ParamSpec]:
+        """This model's rows of the canonical checkpoint table."""
+        return param_specs(type(self).__name__, self.config, **dict(self._table_flags))
+
+    def variables_by_name(self) -> dict[str, tuple[ParamSpec, keras.Variable]]:
+        """Canonical name → (row, Keras variable), in table order."""
+        return {s.name: (s, resolve_variable(self, s)) for s in self.param_specs()}
+
+    def post_init(self) -> None:
+        """Build every weight (no forward pass), check them against the table, initialise them as HF does."""
+        h, w = self.config.image_hw
+        self.build((None, self.config.num_channels, h, w))
+        table = self.variables_by_name()
+        ours = {id(v) for _, v in table.values()}
+        model = {id(v): v.path for v in self.trainable_weights}
+        if ours != set(model):
+            raise RuntimeError(
+                f"{type(self).__name__} variables disagree with the checkpoint table: only in model "
+                f"{sorted(p for i, p in model.items() if i not in ours)}, table rows without a distinct variable: "
+                f"{len(table) - len(ours & set(model))}"
+            )
+        for spec, var in table.values():
+            var.assign(to_kernel_layout(spec.kind, initial_value(spec, self.config.initializer_range)))
+
+    # ------------------------------------------------------------------ forward helpers
+    def _output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        c = self.config
+        return (
+            c.output_attentions if output_attentions is None else bool(output_attentions),
+            c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            c.return_dict if return_dict is None else bool(return_dict),
+        )
+
+    def _head_mask(self, head_mask: Tensor | None) -> Tensor | None:
+        """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1) in the compute dtype."""
+        if head_mask is None:
+            return None
+        c = self.config
+        head_mask = ops.convert_to_tensor(head_mask)
+        if not head_mask_layers(head_mask.shape, c):
+            head_mask = ops.broadcast_to(head_mask[None], (c.num_hidden_layers, c.num_attention_heads))
+        return ops.cast(head_mask[:, None, :, None, None], self.compute_dtype)
+
+    @staticmethod
+    def _unpack_inputs(pixel_values: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Accept ``model({"pixel_values": x, "labels": y, ...})`` (what ``fit`` passes) as well as keywords."""
+        if isinstance(pixel_values, dict):
+            extra = dict(pixel_values)
+            pixel_values = extra.pop("pixel_values", None)
+            for key, value in extra.items():
+                if key not in kwargs:
+                    raise TypeError(f"unexpected input {key!r}; expected one of {['pixel_values', *kwargs]}")
+                if kwargs[key] is None:
+                    kwargs[key] = value
+        return pixel_values, kwargs
+
+    # ------------------------------------------------------------------ keras training hooks
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):  # noqa: ANN001, ANN201
+        """``compile()`` without a loss trains on the model's own loss (labels in ``x`` or given as ``y``);
+        with a compiled loss, that loss sees the first prediction field (``logits`` / ``reconstruction``)."""
+        if isinstance(y_pred, ModelOutput):
+            if self._compile_loss is None:
+                loss = y_pred.loss
+                if loss is None and y is not None and hasattr(self, "_classification_loss"):
+                    loss = self._classification_loss(y_pred.logits, y)
+                if loss is None:
+                    raise ValueError("No loss to compute: pass labels (in x or as y) or a `loss` to compile()")
+                return loss + ops.sum(self.losses) if self.losses else loss
+            y_pred = self._prediction(y_pred)
+        return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):  # noqa: ANN001, ANN201
+        if isinstance(y_pred, ModelOutput):
+            y_pred = self._prediction(y_pred)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    @staticmethod
+    def _prediction(out: ModelOutput) -> Tensor:
+        return next(v for k, v in out.items() if k != "loss")
+
+    # ------------------------------------------------------------------ save / load
+    def state_dict_numpy(self) -> dict[str, np.ndarray]:
+        """Canonical ``{name: array}`` (PyTorch layouts) in table order: what :meth:`save_pretrained` writes."""
+        return {
+            name: np.ascontiguousarray(from_kernel_layout(spec.kind, np.asarray(var.numpy())))
+            for name, (spec, var) in self.variables_by_name().items()
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` + canonical ``model.safetensors`` (readable by vit_torch and HF PyTorch), atomically."""
+        config_dict = saved_config_dict(self.config, type(self).__name__, "float32")
+        write_checkpoint(save_directory, self.state_dict_numpy(), config_dict, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *model_args: Any,
+        config: ViTConfig | None = None,
+        attn_implementation: str | None = None,
+        ignore_mismatched_sizes: bool = False,
+        output_loading_info: bool = False,
+        **kwargs: Any,
+    ) -> M | tuple[M, dict[str, list]]:
+        """Build the model from a local folder holding ``config.json`` and canonical weights.
+
+        Constructor flags (``add_pooling_layer=False``) go to the constructor; config fields
+        (``num_labels=10``) override the config. Weights are float32.
+        """
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        path, config, init_kwargs = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        model = cls(config, *model_args, **init_kwargs)
+        state, plan = match_checkpoint(
+            model.param_specs(), path, owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+        )
+        table = model.variables_by_name()
+        for name, key in plan.sources.items():
+            spec, var = table[name]
+            var.assign(to_kernel_layout(spec.kind, np.asarray(state[key], dtype=np.float32)))
+        return (model, plan.loading_info()) if output_loading_info else model

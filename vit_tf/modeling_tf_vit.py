@@ -1,0 +1,579 @@
+"""ViT in Keras 3 (TensorFlow backend), class by class the mirror of :mod:`vit_torch.modeling_vit`.
+
+Shapes: B batch, C channels, H×W image, p patch size, N = (H//p)·(W//p) patches,
+S = N + 1 tokens (class token first), D hidden size, h heads, d = D/h head size.
+Inputs are NCHW like PyTorch (transposed to NHWC once, in the patch embedding). Every
+sublayer's Keras ``name`` is the PyTorch attribute name, so the canonical checkpoint names
+resolve onto Keras variables by rule (see :mod:`.modeling_tf_utils`). Where Keras reserves an
+attribute (``output``), only the Python attribute differs; the layer name stays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from vit_core.config import ViTConfig
+from vit_core.interpolation import resize_matrix
+from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+
+from .modeling_tf_utils import TFPreTrainedModel, Tensor, activation
+
+__all__ = ["TFViTModel", "TFViTForImageClassification", "TFViTForMaskedImageModeling", "TFViTPreTrainedModel"]
+
+Shape = tuple[int | None, ...]
+
+
+def _dense(units: int, name: str, use_bias: bool = True) -> keras.layers.Dense:
+    return keras.layers.Dense(units, use_bias=use_bias, name=name)
+
+
+class TFViTLayerNorm(keras.layers.LayerNormalization):
+    """Keras LayerNormalization computing ``(x - mean)·rsqrt(var + eps)·γ + β`` as PyTorch does; Keras's own
+    ``x·inv + (β - mean·inv)`` cancels badly when |mean| ≫ std (1e-5 errors at ViT-B/16 scale)."""
+
+    def call(self, inputs: Tensor) -> Tensor:
+        x = ops.cast(inputs, "float32")
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        centered = x - mean
+        variance = ops.mean(ops.square(centered), axis=-1, keepdims=True)
+        out = centered * ops.rsqrt(variance + self.epsilon) * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
+        return ops.cast(out, self.compute_dtype)
+
+
+def _layer_norm(config: ViTConfig, name: str) -> TFViTLayerNorm:
+    return TFViTLayerNorm(epsilon=config.layer_norm_eps, name=name)
+
+
+class TFViTPatchEmbeddings(keras.layers.Layer):
+    """(B, C, H, W) → (B, N, D) by a stride-p convolution, patches in row-major order."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.image_size = config.image_hw
+        self.patch_size = (config.patch_size, config.patch_size)
+        self.num_channels = config.num_channels
+        self.num_patches = config.num_patches
+        self.projection = keras.layers.Conv2D(
+            config.hidden_size, config.patch_size, strides=config.patch_size, padding="valid", name="projection"
+        )
+
+    def build(self, input_shape: Shape) -> None:
+        b, c, h, w = input_shape
+        self.projection.build((b, h, w, c))
+
+    def call(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+        shape = tuple(pixel_values.shape)
+        if len(shape) != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {shape}")
+        _, c, h, w = shape
+        if c != self.num_channels:
+            raise ValueError(
+                f"pixel_values has {c} channels (shape {shape}), but config.num_channels is "
+                f"{self.num_channels}; inputs are NCHW"
+            )
+        if not interpolate_pos_encoding and (h, w) != self.image_size:
+            raise ValueError(
+                f"Input image size ({h}*{w}) doesn't match model ({self.image_size[0]}*{self.image_size[1]}); "
+                "pass interpolate_pos_encoding=True to run at another resolution"
+            )
+        x = self.projection(ops.transpose(pixel_values, (0, 2, 3, 1)))  # (B, H/p, W/p, D)
+        return ops.reshape(x, (-1, x.shape[1] * x.shape[2], x.shape[3]))
+
+
+class TFViTEmbeddings(keras.layers.Layer):
+    """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
+
+    def __init__(self, config: ViTConfig, use_mask_token: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.use_mask_token = use_mask_token
+        self.patch_embeddings = TFViTPatchEmbeddings(config, name="patch_embeddings")
+        self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
+        self.patch_size = config.patch_size
+        self.config = config
+
+    def build(self, input_shape: Shape) -> None:
+        d = self.config.hidden_size
+        self.cls_token = self.add_weight(shape=(1, 1, d), initializer="zeros", name="cls_token")
+        self.mask_token = (
+            self.add_weight(shape=(1, 1, d), initializer="zeros", name="mask_token") if self.use_mask_token else None
+        )
+        self.patch_embeddings.build(input_shape)
+        self.position_embeddings = self.add_weight(
+            shape=(1, self.config.num_patches + 1, d), initializer="zeros", name="position_embeddings"
+        )
+
+    def interpolate_pos_encoding(self, embeddings: Tensor, height: int, width: int) -> Tensor:
+        """Position embeddings (1, S, D) for an H×W input: the patch grid resized to (H//p, W//p)
+        with PyTorch's bicubic/bilinear kernel, as two matmuls (:func:`resize_matrix`)."""
+        grid = tuple(s // self.patch_size for s in self.config.image_hw)
+        new_grid = (height // self.patch_size, width // self.patch_size)
+        if new_grid == grid:
+            return self.position_embeddings
+        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        d = embeddings.shape[-1]
+        mode = self.config.interpolate_pos_mode
+        wy = ops.convert_to_tensor(resize_matrix(grid[0], new_grid[0], mode).astype(np.float32))  # (h', h)
+        wx = ops.convert_to_tensor(resize_matrix(grid[1], new_grid[1], mode).astype(np.float32))  # (w', w)
+        patch_pos = ops.reshape(patch_pos, (*grid, d))
+        patch_pos = ops.einsum("yh,hwd->ywd", wy, patch_pos)
+        patch_pos = ops.einsum("xw,ywd->yxd", wx, patch_pos)
+        return ops.concatenate((cls_pos, ops.reshape(patch_pos, (1, -1, d))), axis=1)
+
+    def call(
+        self,
+        pixel_values: Tensor,
+        bool_masked_pos: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        training: bool = False,
+    ) -> Tensor:
+        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        _, _, h, w = pixel_values.shape  # validated by the patch embedding
+        b, n = ops.shape(embeddings)[0], embeddings.shape[1]
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            if len(bool_masked_pos.shape) != 2 or bool_masked_pos.shape[1] != n or (
+                embeddings.shape[0] is not None and bool_masked_pos.shape[0] != embeddings.shape[0]
+            ):
+                raise ValueError(
+                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
+            mask = ops.cast(bool_masked_pos[..., None], embeddings.dtype)
+            embeddings = embeddings * (1.0 - mask) + self.mask_token * mask
+        cls = ops.broadcast_to(self.cls_token, (b, 1, embeddings.shape[-1]))
+        embeddings = ops.concatenate((cls, embeddings), axis=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(embeddings, h, w)
+        else:
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings, training=training)
+
+
+class TFViTSelfAttention(keras.layers.Layer):
+    """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None.
+
+    Always the explicit softmax path (the numbers of PyTorch's eager and sdpa paths agree)."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.all_head_size = config.hidden_size
+        self.scaling = self.attention_head_size**-0.5
+        self.query = _dense(config.hidden_size, "query", use_bias=config.qkv_bias)
+        self.key = _dense(config.hidden_size, "key", use_bias=config.qkv_bias)
+        self.value = _dense(config.hidden_size, "value", use_bias=config.qkv_bias)
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.dropout = keras.layers.Dropout(self.dropout_prob, name="dropout")  # F.dropout in PyTorch
+
+    def build(self, input_shape: Shape) -> None:
+        for dense in (self.query, self.key, self.value):
+            dense.build(input_shape)
+
+    def call(
+        self,
+        hidden_states: Tensor,
+        head_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        training: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        s = hidden_states.shape[1]
+
+        def split(x: Tensor) -> Tensor:  # (B, S, D) → (B, h, S, d)
+            return ops.transpose(ops.reshape(x, (-1, s, self.num_attention_heads, self.attention_head_size)), (0, 2, 1, 3))
+
+        q, k, v = split(self.query(hidden_states)), split(self.key(hidden_states)), split(self.value(hidden_states))
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * self.scaling
+        probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
+        probs = self.dropout(probs, training=training)
+        if head_mask is not None:
+            probs = probs * head_mask
+        context = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
+        return ops.reshape(context, (-1, s, self.all_head_size)), probs
+
+
+class TFViTSelfOutput(keras.layers.Layer):
+    """Attention output projection; the residual is added in :class:`TFViTLayer`."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dense = _dense(config.hidden_size, "dense")
+        self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
+
+    def build(self, input_shape: Shape) -> None:
+        self.dense.build(input_shape)
+
+    def call(self, hidden_states: Tensor, training: bool = False) -> Tensor:
+        return self.dropout(self.dense(hidden_states), training=training)
+
+
+class TFViTAttention(keras.layers.Layer):
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.attention = TFViTSelfAttention(config, name="attention")
+        self.self_output = TFViTSelfOutput(config, name="output")  # torch: self.output (a Keras property)
+
+    def build(self, input_shape: Shape) -> None:
+        self.attention.build(input_shape)
+        self.self_output.build(input_shape)
+
+    def call(
+        self,
+        hidden_states: Tensor,
+        head_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        training: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        context, probs = self.attention(
+            hidden_states, head_mask=head_mask, output_attentions=output_attentions, training=training
+        )
+        return self.self_output(context, training=training), probs
+
+
+class TFViTIntermediate(keras.layers.Layer):
+    """(B, S, D) → (B, S, intermediate_size), then the activation."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dense = _dense(config.intermediate_size, "dense")
+        self.intermediate_act_fn = activation(config.hidden_act)
+
+    def build(self, input_shape: Shape) -> None:
+        self.dense.build(input_shape)
+
+    def call(self, hidden_states: Tensor) -> Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class TFViTOutput(keras.layers.Layer):
+    """(B, S, intermediate_size) → (B, S, D), plus the residual ``input_tensor``."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dense = _dense(config.hidden_size, "dense")
+        self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
+
+    def build(self, input_shape: Shape) -> None:
+        self.dense.build(input_shape)
+
+    def call(self, hidden_states: Tensor, input_tensor: Tensor, training: bool = False) -> Tensor:
+        return self.dropout(self.dense(hidden_states), training=training) + input_tensor
+
+
+class TFViTLayer(keras.layers.Layer):
+    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.config = config
+        self.attention = TFViTAttention(config, name="attention")
+        self.intermediate = TFViTIntermediate(config, name="intermediate")
+        self.mlp_output = TFViTOutput(config, name="output")  # torch: self.output (a Keras property)
+        self.layernorm_before = _layer_norm(config, "layernorm_before")
+        self.layernorm_after = _layer_norm(config, "layernorm_after")
+
+    def build(self, input_shape: Shape) -> None:
+        b, s, _ = input_shape
+        self.attention.build(input_shape)
+        self.intermediate.build(input_shape)
+        self.mlp_output.build((b, s, self.config.intermediate_size))
+        self.layernorm_before.build(input_shape)
+        self.layernorm_after.build(input_shape)
+
+    def call(
+        self,
+        hidden_states: Tensor,
+        head_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        training: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        attention_output, probs = self.attention(
+            self.layernorm_before(hidden_states),
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            training=training,
+        )
+        hidden_states = attention_output + hidden_states
+        layer_output = self.mlp_output(
+            self.intermediate(self.layernorm_after(hidden_states)), hidden_states, training=training
+        )
+        return layer_output, probs
+
+
+class TFViTEncoder(keras.layers.Layer):
+    """``num_hidden_layers`` × :class:`TFViTLayer`: (B, S, D) → :class:`BaseModelOutput`."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.config = config
+        self.layer = [TFViTLayer(config, name=f"layer.{i}") for i in range(config.num_hidden_layers)]
+
+    def build(self, input_shape: Shape) -> None:
+        for layer in self.layer:
+            layer.build(input_shape)
+
+    def call(
+        self,
+        hidden_states: Tensor,
+        head_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        training: bool = False,
+    ) -> BaseModelOutput:
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn: tuple[Tensor, ...] | None = () if output_attentions else None
+        for i, layer in enumerate(self.layer):
+            layer_mask = None if head_mask is None else head_mask[i]
+            hidden_states, probs = layer(
+                hidden_states, head_mask=layer_mask, output_attentions=output_attentions, training=training
+            )
+            if all_hidden is not None:
+                all_hidden += (hidden_states,)
+            if all_attn is not None:
+                all_attn += (probs,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
+
+
+class TFViTPooler(keras.layers.Layer):
+    """Class token → dense → activation: (B, S, D) → (B, pooler_output_size)."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dense = _dense(int(config.pooler_output_size or config.hidden_size), "dense")
+        self.activation = activation(config.pooler_act)
+
+    def build(self, input_shape: Shape) -> None:
+        self.dense.build((input_shape[0], input_shape[-1]))
+
+    def call(self, hidden_states: Tensor) -> Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class TFViTPixelShuffle(keras.layers.Layer):
+    """PyTorch's ``nn.PixelShuffle(r)`` from channels-last input: (B, h, w, C·r²) → (B, C, h·r, w·r)."""
+
+    def __init__(self, upscale_factor: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.upscale_factor = upscale_factor
+
+    def call(self, x: Tensor) -> Tensor:
+        r = self.upscale_factor
+        _, h, w, crr = x.shape
+        c = crr // (r * r)
+        x = ops.reshape(x, (-1, h, w, c, r, r))  # channel index = c·r² + i·r + j
+        x = ops.transpose(x, (0, 3, 1, 4, 2, 5))  # (B, C, h, r, w, r)
+        return ops.reshape(x, (-1, c, h * r, w * r))
+
+
+class TFViTPreTrainedModel(TFPreTrainedModel):
+    """Shared machinery (init, from_pretrained, save_pretrained, fit hooks) lives in :class:`TFPreTrainedModel`."""
+
+
+class TFViTModel(TFViTPreTrainedModel):
+    """The bare encoder. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
+
+    def __init__(
+        self, config: ViTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False, **kwargs: Any
+    ):
+        super().__init__(config, **kwargs)
+        self.embeddings = TFViTEmbeddings(config, use_mask_token=use_mask_token, name="embeddings")
+        self.encoder = TFViTEncoder(config, name="encoder")
+        self.layernorm = _layer_norm(config, "layernorm")
+        self.pooler = TFViTPooler(config, name="pooler") if add_pooling_layer else None
+        self._table_flags = {"add_pooling_layer": add_pooling_layer, "use_mask_token": use_mask_token}
+        self.post_init()
+
+    def build(self, input_shape: Shape) -> None:
+        b = input_shape[0]
+        seq_shape = (b, self.config.num_patches + 1, self.config.hidden_size)
+        self.embeddings.build(input_shape)
+        self.encoder.build(seq_shape)
+        self.layernorm.build(seq_shape)
+        if self.pooler is not None:
+            self.pooler.build(seq_shape)
+
+    def get_input_embeddings(self) -> TFViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def call(
+        self,
+        pixel_values: Tensor | dict | None = None,
+        bool_masked_pos: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        training: bool = False,
+    ) -> BaseModelOutputWithPooling | tuple:
+        pixel_values, extra = self._unpack_inputs(
+            pixel_values, {"bool_masked_pos": bool_masked_pos, "head_mask": head_mask}
+        )
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        head_mask = self._head_mask(extra["head_mask"])
+        pixel_values = ops.cast(pixel_values, self.compute_dtype)
+        embedding_output = self.embeddings(
+            pixel_values,
+            bool_masked_pos=extra["bool_masked_pos"],
+            interpolate_pos_encoding=bool(interpolate_pos_encoding),
+            training=training,
+        )
+        encoded = self.encoder(
+            embedding_output,
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
+        )
+        sequence_output = self.layernorm(encoded.last_hidden_state)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+def _is_integer(x: Tensor) -> bool:
+    return not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
+
+
+class TFViTForImageClassification(TFViTPreTrainedModel):
+    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.num_labels = int(config.num_labels or 0)
+        self.vit = TFViTModel(config, add_pooling_layer=False, name="vit")
+        self.classifier = (
+            _dense(self.num_labels, "classifier") if self.num_labels else keras.layers.Identity(name="classifier")
+        )
+        self.post_init()
+
+    def build(self, input_shape: Shape) -> None:
+        self.classifier.build((input_shape[0], self.config.hidden_size))
+
+    def call(
+        self,
+        pixel_values: Tensor | dict | None = None,
+        head_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        training: bool = False,
+    ) -> ImageClassifierOutput | tuple:
+        pixel_values, extra = self._unpack_inputs(pixel_values, {"head_mask": head_mask, "labels": labels})
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.vit(
+            pixel_values,
+            head_mask=extra["head_mask"],
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            training=training,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
+        labels = extra["labels"]
+        loss = None if labels is None else self._classification_loss(logits, labels)
+        out = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits."""
+        labels = ops.convert_to_tensor(labels)
+        kind = self.config.resolve_problem_type(_is_integer(labels))
+        if kind == "regression":
+            if self.num_labels == 1:
+                logits, labels = ops.squeeze(logits), ops.squeeze(labels)
+            return ops.mean(ops.square(logits - ops.cast(labels, logits.dtype)))
+        if kind == "single_label_classification":
+            logits = ops.reshape(logits, (-1, self.num_labels))
+            labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+            keep = labels != -100
+            per_example = ops.sparse_categorical_crossentropy(ops.where(keep, labels, 0), logits, from_logits=True)
+            keep = ops.cast(keep, logits.dtype)
+            return ops.sum(per_example * keep) / ops.sum(keep)  # NaN when every label is ignored, as in PyTorch
+        return ops.mean(ops.binary_crossentropy(ops.cast(labels, logits.dtype), logits, from_logits=True))
+
+
+class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
+    """SimMIM: encoder with mask tokens, 1×1 conv to stride²·C channels, pixel shuffle → (B, C, H, W)."""
+
+    def __init__(self, config: ViTConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.vit = TFViTModel(config, add_pooling_layer=False, use_mask_token=True, name="vit")
+        self.decoder = [  # torch: nn.Sequential(Conv2d, PixelShuffle); the conv reads channels-last here
+            keras.layers.Conv2D(config.encoder_stride**2 * config.num_channels, kernel_size=1, name="decoder.0"),
+            TFViTPixelShuffle(config.encoder_stride, name="decoder.1"),
+        ]
+        self.post_init()
+
+    def build(self, input_shape: Shape) -> None:
+        self.decoder[0].build((input_shape[0], None, None, self.config.hidden_size))
+
+    def call(
+        self,
+        pixel_values: Tensor | dict | None = None,
+        bool_masked_pos: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        training: bool = False,
+    ) -> MaskedImageModelingOutput | tuple:
+        pixel_values, extra = self._unpack_inputs(
+            pixel_values, {"bool_masked_pos": bool_masked_pos, "head_mask": head_mask}
+        )
+        bool_masked_pos = extra["bool_masked_pos"]
+        cfg = self.config
+        if bool_masked_pos is not None and cfg.patch_size != cfg.encoder_stride:
+            raise ValueError(
+                "When `bool_masked_pos` is provided, `patch_size` must be equal to `encoder_stride` so that the "
+                f"reconstruction has the input's size. Got patch_size={cfg.patch_size}, encoder_stride={cfg.encoder_stride}."
+            )
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        outputs = self.vit(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            head_mask=extra["head_mask"],
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            training=training,
+        )
+        gh, gw = pixel_values.shape[2] // cfg.patch_size, pixel_values.shape[3] // cfg.patch_size
+        tokens = outputs.last_hidden_state[:, 1:]  # (B, N, D), N = gh·gw
+        grid = ops.reshape(tokens, (-1, gh, gw, tokens.shape[-1]))  # channels-last (torch: (B, D, gh, gw))
+        reconstruction = grid
+        for layer in self.decoder:
+            reconstruction = layer(reconstruction)  # → (B, C, H, W)
+        loss = None
+        if bool_masked_pos is not None:
+            mask = ops.reshape(bool_masked_pos, (-1, gh, gw))
+            mask = ops.repeat(ops.repeat(mask, cfg.patch_size, axis=1), cfg.patch_size, axis=2)[:, None]
+            mask = ops.cast(mask, reconstruction.dtype)
+            per_pixel = ops.abs(ops.cast(pixel_values, reconstruction.dtype) - reconstruction)
+            loss = ops.sum(per_pixel * mask) / (ops.sum(mask) + 1e-5) / cfg.num_channels
+        out = MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return out if return_dict else out.to_tuple()
