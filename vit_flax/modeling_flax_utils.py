@@ -1,0 +1,222 @@
+"""Flax side of the checkpoint contract: activations, the param-path rule, init, load and save.
+
+Params are a plain nested dict (the ``"params"`` collection's content, as in HF Flax); each
+canonical checkpoint name maps to one path in it by :func:`param_path`, and every layout change
+goes through :func:`vit_core.weights.to_kernel_layout` / ``from_kernel_layout``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_core.checkpoint import write_checkpoint
+from vit_core.config import ViTConfig
+from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
+from vit_core.weights import Init, Kind, ParamSpec, from_kernel_layout, param_specs, to_kernel_layout
+
+__all__ = ["ACT2FN", "param_path", "FlaxPreTrainedModel", "to_dtype"]
+
+Params = dict[str, Any]
+M = TypeVar("M", bound="FlaxPreTrainedModel")
+
+ACT2FN: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf; flax's nn.gelu defaults to tanh
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "selu": jax.nn.selu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+_LEAF = {Kind.LINEAR_WEIGHT: "kernel", Kind.CONV_WEIGHT: "kernel", Kind.NORM_WEIGHT: "scale", Kind.BIAS: "bias",
+         Kind.NORM_BIAS: "bias"}
+
+
+def param_path(spec: ParamSpec) -> tuple[str, ...]:
+    """THE name rule: canonical ``vit.encoder.layer.0.attention.attention.query.weight`` (linear)
+    → ``("vit", "encoder", "layer_0", "attention", "attention", "query", "kernel")``.
+
+    A numeric part joins its list's name (``layer.0`` → ``layer_0``, ``decoder.0`` → ``decoder_0``,
+    Linen's names for list submodules); the last part is Flax's leaf name for the row's kind.
+    """
+    parts = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", spec.name).split(".")
+    return (*parts[:-1], _LEAF.get(spec.kind, parts[-1]))
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _flat_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for k, v in tree.items():
+        out |= _flat_paths(v, (*prefix, k)) if isinstance(v, Mapping) else {(*prefix, k)}
+    return out
+
+
+def init_param(rng: jax.Array, spec: ParamSpec, std: float, dtype: Any) -> jax.Array:
+    """HF's init of one row, in Flax layout: trunc-normal(0, std) cut at ±2 (absolute, as torch), zeros, ones."""
+    shape = to_kernel_layout(spec.kind, np.empty(spec.shape, np.float32)).shape
+    if spec.init is Init.TRUNC_NORMAL:
+        return (std * jax.random.truncated_normal(rng, -2.0 / std, 2.0 / std, shape, jnp.float32)).astype(dtype)
+    return (jnp.zeros if spec.init is Init.ZEROS else jnp.ones)(shape, dtype)
+
+
+def to_dtype(params: Params, dtype: Any, mask: Any = None) -> Params:
+    """Cast floating leaves of ``params`` (where ``mask`` is True, if given) to ``dtype``."""
+    cast = lambda p, m=True: p.astype(dtype) if m and jnp.issubdtype(p.dtype, jnp.floating) else p  # noqa: E731
+    return jax.tree_util.tree_map(cast, params) if mask is None else jax.tree_util.tree_map(cast, params, mask)
+
+
+class FlaxPreTrainedModel:
+    """HF-4.x-style wrapper: a Linen ``module``, its ``params`` and ``config``; loads/saves canonical checkpoints.
+
+    Subclasses set ``module_class`` and implement ``_module_kwargs`` and ``__call__``.
+    """
+
+    config_class = ViTConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    module_class: Any = None
+
+    def __init__(
+        self,
+        config: ViTConfig,
+        input_shape: tuple[int, ...] | None = None,
+        seed: int = 0,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        _do_init: bool = True,
+        gradient_checkpointing: bool = False,
+        **flags: bool,
+    ):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
+        self._table_flags = flags
+        self.module = self.module_class(config=config, dtype=dtype, param_dtype=param_dtype,
+                                        gradient_checkpointing=gradient_checkpointing, **flags)
+        self.input_shape = input_shape or (1, config.num_channels, *config.image_hw)
+        self._params: Params | None = None
+        if _do_init:
+            self._params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape)
+
+    # ------------------------------------------------------------------ params
+    @property
+    def params(self) -> Params:
+        if self._params is None:
+            raise ValueError("params are not initialised (_do_init=False); pass params= or call init_weights")
+        return self._params
+
+    @params.setter
+    def params(self, params: Params) -> None:
+        self._params = params
+
+    def param_specs(self) -> list[ParamSpec]:
+        """This model's rows of the canonical checkpoint table."""
+        return param_specs(type(self).__name__, self.config, **self._table_flags)
+
+    def _check_tree(self, input_shape: tuple[int, ...]) -> None:
+        """The module's param tree must be exactly the table's paths with the table's (kernel-layout) shapes."""
+        x = jax.ShapeDtypeStruct((input_shape[0], *input_shape[2:], input_shape[1]), jnp.float32)
+        tree = jax.eval_shape(lambda x: self.module.init(jax.random.PRNGKey(0), x), x)["params"]
+        want = {param_path(s): to_kernel_layout(s.kind, np.empty(s.shape, np.int8)).shape for s in self.param_specs()}
+        have = {p: tuple(_get(tree, p).shape) for p in _flat_paths(tree)}
+        if have != want:
+            raise RuntimeError(f"{type(self).__name__} param tree disagrees with the checkpoint table: "
+                               f"only in module {sorted(set(have.items()) - set(want.items()))}, "
+                               f"only in table {sorted(set(want.items()) - set(have.items()))}")
+
+    def init_weights(self, rng: jax.Array, input_shape: tuple[int, ...], only: set[str] | None = None) -> Params:
+        """Fresh params for every table row (or only the rows named in ``only``), HF's init scheme.
+
+        ``input_shape`` is NCHW; it is used to check the module's tree against the table.
+        """
+        self._check_tree(input_shape)
+        specs = [s for s in self.param_specs() if only is None or s.name in only]
+
+        @jax.jit  # one compilation for the whole tree instead of one per shape
+        def build(rng: jax.Array) -> Params:
+            params: Params = {}
+            for key, spec in zip(jax.random.split(rng, max(len(specs), 1)), specs):
+                _set(params, param_path(spec), init_param(key, spec, self.config.initializer_range, self.param_dtype))
+            return params
+
+        return build(rng)
+
+    def to_bf16(self, params: Params, mask: Any = None) -> Params:
+        return to_dtype(params, jnp.bfloat16, mask)
+
+    def to_fp16(self, params: Params, mask: Any = None) -> Params:
+        return to_dtype(params, jnp.float16, mask)
+
+    def to_fp32(self, params: Params, mask: Any = None) -> Params:
+        return to_dtype(params, jnp.float32, mask)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Rematerialise each encoder layer in the backward pass (``nn.remat``); same numbers."""
+        self.module = self.module.clone(gradient_checkpointing=True)
+
+    def num_parameters(self, params: Params | None = None) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params or self.params))
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike[str], params: Params | None = None,
+                        max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` with canonical names and PyTorch layouts."""
+        params = self.params if params is None else params
+        specs = self.param_specs()
+        tensors = {s.name: from_kernel_layout(s.kind, np.asarray(_get(params, param_path(s)))) for s in specs}
+        config_dict = saved_config_dict(self.config, type(self).__name__, str(jnp.dtype(_get(params, param_path(specs[0])).dtype)))
+        write_checkpoint(save_directory, tensors, config_dict, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *model_args: Any,
+        config: ViTConfig | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        ignore_mismatched_sizes: bool = False,
+        output_loading_info: bool = False,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> M | tuple[M, dict[str, list]]:
+        """Build the model from a local folder with ``config.json`` and canonical (PyTorch-named) weights.
+
+        Constructor flags (``add_pooling_layer=False``) go to the constructor; config fields
+        (``num_labels=10``, ``attn_implementation``) override the config.
+        """
+        path, config, init_kwargs = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        model = cls(config, *model_args, dtype=dtype, param_dtype=param_dtype, _do_init=False, **init_kwargs)
+        specs = model.param_specs()
+        state, plan = match_checkpoint(
+            specs, path, owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+        )
+        fresh = {s.name for s in specs} - set(plan.sources)
+        params = model.init_weights(jax.random.PRNGKey(seed), model.input_shape, only=fresh)
+        for spec in specs:
+            if spec.name in plan.sources:
+                array = to_kernel_layout(spec.kind, np.asarray(state[plan.sources[spec.name]]))
+                _set(params, param_path(spec), jnp.asarray(array, dtype=param_dtype))
+        model.params = params
+        return (model, plan.loading_info()) if output_loading_info else model

@@ -1,0 +1,516 @@
+"""ViT in JAX/Flax Linen, at HF transformers 4.x parity; mirrors :mod:`vit_torch.modeling_vit` class by class.
+
+Shapes: B batch, C channels, H×W image, p patch size, N = (H//p)·(W//p) patches, S = N + 1 tokens
+(class token first), D hidden size, h heads, d = D/h head size. Modules take NHWC pixels; the
+wrappers take NCHW (as HF) and transpose once. Submodule names equal the PyTorch attribute
+names, so the param tree is the canonical checkpoint table under :func:`param_path`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_core.config import ViTConfig
+from vit_core.interpolation import resize_matrix
+from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+
+from .modeling_flax_utils import ACT2FN, FlaxPreTrainedModel, Params
+
+__all__ = ["FlaxViTModel", "FlaxViTForImageClassification", "FlaxViTForMaskedImageModeling", "FlaxViTPreTrainedModel"]
+
+Array = jax.Array
+Dtype = Any
+
+# Outputs are pytrees, so jitted / differentiated functions may return them.
+for _cls in (BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput):
+    jax.tree_util.register_pytree_node(
+        _cls, lambda o: ([getattr(o, f.name) for f in dataclasses.fields(o)], None), lambda _, ch, c=_cls: c(*ch)
+    )
+
+
+def _nchw(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An NHWC shape as the NCHW shape the user passed (for error messages)."""
+    return (shape[0], shape[3], shape[1], shape[2])
+
+
+class FlaxViTPatchEmbeddings(nn.Module):
+    """(B, H, W, C) → (B, N, D) by a stride-p convolution, patches in row-major order."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        p = self.config.patch_size
+        self.projection = nn.Conv(self.config.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, pixel_values: Array, interpolate_pos_encoding: bool = False) -> Array:
+        cfg = self.config
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {pixel_values.shape}")
+        b, h, w, c = pixel_values.shape
+        if c != cfg.num_channels:
+            raise ValueError(
+                f"pixel_values has {c} channels (shape {_nchw(pixel_values.shape)}), but config.num_channels is "
+                f"{cfg.num_channels}; inputs are NCHW"
+            )
+        if not interpolate_pos_encoding and (h, w) != cfg.image_hw:
+            raise ValueError(
+                f"Input image size ({h}*{w}) doesn't match model ({cfg.image_hw[0]}*{cfg.image_hw[1]}); "
+                "pass interpolate_pos_encoding=True to run at another resolution"
+            )
+        x = self.projection(pixel_values)
+        return x.reshape(b, -1, x.shape[-1])
+
+
+class FlaxViTEmbeddings(nn.Module):
+    """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
+
+    config: ViTConfig
+    use_mask_token: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        d, pd = self.config.hidden_size, self.param_dtype
+        self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, d), pd)
+        self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, d), pd) if self.use_mask_token \
+            else None
+        self.patch_embeddings = FlaxViTPatchEmbeddings(self.config, dtype=self.dtype, param_dtype=pd)
+        self.position_embeddings = self.param("position_embeddings", nn.initializers.zeros,
+                                              (1, self.config.num_patches + 1, d), pd)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> Array:
+        """Position embeddings (1, S, D) for an H×W input: the grid resized with torch's kernel (two matmuls)."""
+        p, cfg = self.config.patch_size, self.config
+        grid = (cfg.image_hw[0] // p, cfg.image_hw[1] // p)
+        new_grid = (height // p, width // p)
+        pos = self.position_embeddings.astype(self.dtype)
+        if new_grid == grid:
+            return pos
+        my = jnp.asarray(resize_matrix(grid[0], new_grid[0], cfg.interpolate_pos_mode), self.dtype)
+        mx = jnp.asarray(resize_matrix(grid[1], new_grid[1], cfg.interpolate_pos_mode), self.dtype)
+        patch_pos = pos[0, 1:].reshape(*grid, -1)  # (gh, gw, D)
+        patch_pos = jnp.einsum("Hh,hwd->Hwd", my, patch_pos, precision="highest")
+        patch_pos = jnp.einsum("Ww,Hwd->HWd", mx, patch_pos, precision="highest")
+        return jnp.concatenate([pos[:, :1], patch_pos.reshape(1, -1, pos.shape[-1])], axis=1)
+
+    def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None,
+                 interpolate_pos_encoding: bool = False, deterministic: bool = True) -> Array:
+        b, h, w, _ = pixel_values.shape
+        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            if tuple(bool_masked_pos.shape) != tuple(embeddings.shape[:2]):
+                raise ValueError(
+                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
+            mask = bool_masked_pos[..., None].astype(embeddings.dtype)
+            embeddings = embeddings * (1.0 - mask) + self.mask_token.astype(embeddings.dtype) * mask
+        cls = jnp.broadcast_to(self.cls_token.astype(embeddings.dtype), (b, 1, embeddings.shape[-1]))
+        embeddings = jnp.concatenate([cls, embeddings], axis=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(h, w)
+        else:
+            embeddings = embeddings + self.position_embeddings.astype(embeddings.dtype)
+        return self.dropout(embeddings, deterministic=deterministic)
+
+
+class FlaxViTSelfAttention(nn.Module):
+    """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.num_attention_heads, self.attention_head_size = cfg.num_attention_heads, cfg.head_dim
+        self.scaling = self.attention_head_size**-0.5
+        dense = lambda: nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype,  # noqa: E731
+                                 param_dtype=self.param_dtype)
+        self.query, self.key, self.value = dense(), dense(), dense()
+        self.dropout_prob = cfg.attention_probs_dropout_prob
+
+    def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
+                 output_attentions: bool = False) -> tuple[Array, Array | None]:
+        b, s, _ = hidden_states.shape
+        split = lambda x: x.reshape(b, s, self.num_attention_heads, self.attention_head_size)  # noqa: E731
+        q, k, v = split(self.query(hidden_states)), split(self.key(hidden_states)), split(self.value(hidden_states))
+        dropout = 0.0 if deterministic else self.dropout_prob
+        probs = None
+        if self.config.attn_implementation == "sdpa" and head_mask is None and not output_attentions and not dropout:
+            context = jax.nn.dot_product_attention(q, k, v, scale=self.scaling)  # (B, S, h, d)
+        else:  # explicit path: needed for the probabilities, head_mask and attention dropout
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scaling
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+            if dropout:
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - dropout, probs.shape)
+                probs = jnp.where(keep, probs / (1.0 - dropout), 0.0).astype(q.dtype)
+            if head_mask is not None:
+                probs = probs * head_mask.astype(probs.dtype)
+            context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return context.reshape(b, s, -1), probs
+
+
+class FlaxViTSelfOutput(nn.Module):
+    """Attention output projection; the residual is added in :class:`FlaxViTLayer`."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
+
+    def __call__(self, hidden_states: Array, deterministic: bool = True) -> Array:
+        return self.dropout(self.dense(hidden_states), deterministic=deterministic)
+
+
+class FlaxViTAttention(nn.Module):
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.attention = FlaxViTSelfAttention(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.output = FlaxViTSelfOutput(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
+                 output_attentions: bool = False) -> tuple[Array, Array | None]:
+        context, probs = self.attention(hidden_states, head_mask, deterministic, output_attentions)
+        return self.output(context, deterministic), probs
+
+
+class FlaxViTIntermediate(nn.Module):
+    """(B, S, D) → (B, S, intermediate_size), then the activation."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.intermediate_act_fn = ACT2FN[self.config.hidden_act]
+
+    def __call__(self, hidden_states: Array) -> Array:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class FlaxViTOutput(nn.Module):
+    """(B, S, intermediate_size) → (B, S, D), plus the residual ``input_tensor``."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
+
+    def __call__(self, hidden_states: Array, input_tensor: Array, deterministic: bool = True) -> Array:
+        return self.dropout(self.dense(hidden_states), deterministic=deterministic) + input_tensor
+
+
+def _layer_norm(config: ViTConfig, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x-μ)²] as torch, not E[x²]-μ² (which loses ~1e-6 in fp32).
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype)
+
+
+class FlaxViTLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.attention = FlaxViTAttention(self.config, **kw)
+        self.intermediate = FlaxViTIntermediate(self.config, **kw)
+        self.output = FlaxViTOutput(self.config, **kw)
+        self.layernorm_before = _layer_norm(self.config, **kw)
+        self.layernorm_after = _layer_norm(self.config, **kw)
+
+    def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
+                 output_attentions: bool = False) -> tuple[Array, Array | None]:
+        attention_output, probs = self.attention(self.layernorm_before(hidden_states), head_mask, deterministic,
+                                                 output_attentions)
+        hidden_states = attention_output + hidden_states
+        layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states, deterministic)
+        return layer_output, probs
+
+
+class FlaxViTEncoder(nn.Module):
+    """``num_hidden_layers`` blocks named ``layer_0``...; optionally rematerialised in the backward pass."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        # static_argnums count self as 0: deterministic (3) and output_attentions (4) are Python bools.
+        layer_cls = nn.remat(FlaxViTLayer, static_argnums=(3, 4)) if self.gradient_checkpointing else FlaxViTLayer
+        self.layer = [layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+                      for _ in range(self.config.num_hidden_layers)]
+
+    def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
+                 output_attentions: bool = False, output_hidden_states: bool = False) -> BaseModelOutput:
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn: tuple[Array, ...] | None = () if output_attentions else None
+        for i, layer in enumerate(self.layer):
+            layer_mask = None if head_mask is None else head_mask[i]
+            hidden_states, probs = layer(hidden_states, layer_mask, deterministic, output_attentions)
+            if all_hidden is not None:
+                all_hidden += (hidden_states,)
+            if all_attn is not None:
+                all_attn += (probs,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
+
+
+class FlaxViTPooler(nn.Module):
+    """Class token → dense → activation: (B, S, D) → (B, pooler_output_size)."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.dense = nn.Dense(self.config.pooler_output_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.activation = ACT2FN[self.config.pooler_act]
+
+    def __call__(self, hidden_states: Array) -> Array:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class FlaxViTModule(nn.Module):
+    """The bare encoder on NHWC pixels. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    add_pooling_layer: bool = True
+    use_mask_token: bool = False
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embeddings = FlaxViTEmbeddings(self.config, use_mask_token=self.use_mask_token, **kw)
+        self.encoder = FlaxViTEncoder(self.config, gradient_checkpointing=self.gradient_checkpointing, **kw)
+        self.layernorm = _layer_norm(self.config, **kw)
+        self.pooler = FlaxViTPooler(self.config, **kw) if self.add_pooling_layer else None
+
+    def _head_mask(self, head_mask: Array | None) -> Array | None:
+        """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1)."""
+        if head_mask is None:
+            return None
+        c = self.config
+        head_mask = jnp.asarray(head_mask)
+        if head_mask.shape == (c.num_attention_heads,):
+            head_mask = jnp.broadcast_to(head_mask, (c.num_hidden_layers, c.num_attention_heads))
+        if head_mask.shape != (c.num_hidden_layers, c.num_attention_heads):
+            raise ValueError(
+                f"head_mask must have shape (num_heads,) = ({c.num_attention_heads},) or (num_layers, num_heads) = "
+                f"({c.num_hidden_layers}, {c.num_attention_heads}), got {tuple(head_mask.shape)}"
+            )
+        return head_mask[:, None, :, None, None].astype(self.dtype)
+
+    def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None, head_mask: Array | None = None,
+                 deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
+                 interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+        embedding_output = self.embeddings(pixel_values.astype(self.dtype), bool_masked_pos, interpolate_pos_encoding,
+                                           deterministic)
+        encoded = self.encoder(embedding_output, self._head_mask(head_mask), deterministic, output_attentions,
+                               output_hidden_states)
+        sequence_output = self.layernorm(encoded.last_hidden_state)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
+                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+
+
+def classification_loss(config: ViTConfig, logits: Array, labels: Array) -> Array:
+    """Mean loss by ``problem_type``, as torch: MSE, cross-entropy (ignore_index -100) or BCE-with-logits."""
+    labels = jnp.asarray(labels)
+    kind = config.resolve_problem_type(not jnp.issubdtype(labels.dtype, jnp.floating))
+    if kind == "regression":
+        if config.num_labels == 1:
+            return jnp.mean((jnp.squeeze(logits) - jnp.squeeze(labels).astype(logits.dtype)) ** 2)
+        return jnp.mean((logits - labels.astype(logits.dtype)) ** 2)
+    if kind == "single_label_classification":
+        logp = jax.nn.log_softmax(logits.reshape(-1, config.num_labels).astype(jnp.float32), axis=-1)
+        y = labels.reshape(-1).astype(jnp.int32)
+        valid = y != -100
+        picked = jnp.take_along_axis(logp, jnp.where(valid, y, 0)[:, None], axis=-1)[:, 0]
+        return (-jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)).astype(logits.dtype)
+    y = labels.astype(logits.dtype)
+    return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+class FlaxViTForImageClassificationModule(nn.Module):
+    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        self.vit = FlaxViTModule(self.config, dtype=self.dtype, param_dtype=self.param_dtype, add_pooling_layer=False,
+                                 gradient_checkpointing=self.gradient_checkpointing)
+        n = self.config.num_labels
+        self.classifier = nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype) if n else (lambda x: x)
+
+    def __call__(self, pixel_values: Array, head_mask: Array | None = None, labels: Array | None = None,
+                 deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
+                 interpolate_pos_encoding: bool = False) -> ImageClassifierOutput:
+        outputs = self.vit(pixel_values, head_mask=head_mask, deterministic=deterministic,
+                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                           interpolate_pos_encoding=interpolate_pos_encoding)
+        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
+        loss = None if labels is None else classification_loss(self.config, logits, labels)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+class FlaxPixelShuffle(nn.Module):
+    """torch's PixelShuffle on NHWC in, NCHW out: (B, h, w, s²·C) → (B, C, h·s, w·s)."""
+
+    upscale_factor: int
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        s = self.upscale_factor
+        x = x.reshape(b, h, w, c // (s * s), s, s).transpose(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c // (s * s), h * s, w * s)
+
+
+class FlaxViTForMaskedImageModelingModule(nn.Module):
+    """SimMIM: encoder with mask tokens, 1×1 conv to stride²·C channels, pixel shuffle → (B, C, H, W)."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.vit = FlaxViTModule(cfg, dtype=self.dtype, param_dtype=self.param_dtype, add_pooling_layer=False,
+                                 use_mask_token=True, gradient_checkpointing=self.gradient_checkpointing)
+        self.decoder = [  # names decoder_0 (the conv), decoder_1 (no params), as torch's Sequential
+            nn.Conv(cfg.encoder_stride**2 * cfg.num_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype),
+            FlaxPixelShuffle(cfg.encoder_stride),
+        ]
+
+    def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None, head_mask: Array | None = None,
+                 deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
+                 interpolate_pos_encoding: bool = False) -> MaskedImageModelingOutput:
+        cfg = self.config
+        if bool_masked_pos is not None and cfg.patch_size != cfg.encoder_stride:
+            raise ValueError(
+                "When `bool_masked_pos` is provided, `patch_size` must be equal to `encoder_stride` so that the "
+                f"reconstruction has the input's size. Got patch_size={cfg.patch_size}, "
+                f"encoder_stride={cfg.encoder_stride}."
+            )
+        outputs = self.vit(pixel_values, bool_masked_pos=bool_masked_pos, head_mask=head_mask,
+                           deterministic=deterministic, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding)
+        b, h, w, c = pixel_values.shape
+        gh, gw = h // cfg.patch_size, w // cfg.patch_size
+        grid = outputs.last_hidden_state[:, 1:].reshape(b, gh, gw, -1)  # (B, gh, gw, D)
+        reconstruction = grid
+        for layer in self.decoder:
+            reconstruction = layer(reconstruction)  # → (B, C, H, W)
+        loss = None
+        if bool_masked_pos is not None:
+            mask = jnp.asarray(bool_masked_pos).reshape(-1, gh, gw)
+            mask = jnp.repeat(jnp.repeat(mask, cfg.patch_size, 1), cfg.patch_size, 2)[:, None]  # (B, 1, H, W)
+            mask = mask.astype(reconstruction.dtype)
+            target = pixel_values.transpose(0, 3, 1, 2).astype(reconstruction.dtype)
+            per_pixel = jnp.abs(target - reconstruction)
+            loss = jnp.sum(per_pixel * mask) / (jnp.sum(mask) + 1e-5) / c
+        return MaskedImageModelingOutput(loss=loss, reconstruction=reconstruction,
+                                         hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# ---------------------------------------------------------------------------------------- wrappers
+class FlaxViTPreTrainedModel(FlaxPreTrainedModel):
+    """Shared wrapper ``__call__``: NCHW in, flags resolved from the config, pure in ``params``."""
+
+    def _apply(self, pixel_values: Any, params: Params | None, dropout_rng: jax.Array | None, train: bool,
+               return_dict: bool | None, **kwargs: Any) -> Any:
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        pixel_values = jnp.asarray(pixel_values)
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {pixel_values.shape}")
+        c = self.config
+        for flag in ("output_attentions", "output_hidden_states"):
+            kwargs[flag] = getattr(c, flag) if kwargs[flag] is None else bool(kwargs[flag])
+        kwargs["interpolate_pos_encoding"] = bool(kwargs["interpolate_pos_encoding"])
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        out = self.module.apply({"params": self.params if params is None else params},
+                                jnp.transpose(pixel_values, (0, 2, 3, 1)), deterministic=not train, rngs=rngs, **kwargs)
+        return out if (c.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+
+class FlaxViTModel(FlaxViTPreTrainedModel):
+    """The bare encoder; ``add_pooling_layer`` / ``use_mask_token`` as in :class:`vit_torch.ViTModel`."""
+
+    module_class = FlaxViTModule
+
+    def __init__(self, config: ViTConfig, input_shape: tuple[int, ...] | None = None, seed: int = 0,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, _do_init: bool = True,
+                 add_pooling_layer: bool = True, use_mask_token: bool = False, gradient_checkpointing: bool = False):
+        super().__init__(config, input_shape, seed, dtype, param_dtype, _do_init, gradient_checkpointing,
+                         add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+
+    def __call__(self, pixel_values: Any = None, params: Params | None = None,
+                 dropout_rng: jax.Array | None = None, train: bool = False, bool_masked_pos: Any = None,
+                 head_mask: Any = None,
+                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                 interpolate_pos_encoding: bool | None = None, return_dict: bool | None = None) -> Any:
+        return self._apply(pixel_values, params, dropout_rng, train, return_dict, bool_masked_pos=bool_masked_pos,
+                           head_mask=head_mask, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding)
+
+
+class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
+    """Classifier on the class token: ``logits`` (B, num_labels); ``loss`` when ``labels`` are given."""
+
+    module_class = FlaxViTForImageClassificationModule
+
+    def __call__(self, pixel_values: Any = None, params: Params | None = None,
+                 dropout_rng: jax.Array | None = None, train: bool = False, head_mask: Any = None,
+                 labels: Any = None,
+                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                 interpolate_pos_encoding: bool | None = None, return_dict: bool | None = None) -> Any:
+        return self._apply(pixel_values, params, dropout_rng, train, return_dict, head_mask=head_mask, labels=labels,
+                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                           interpolate_pos_encoding=interpolate_pos_encoding)
+
+
+class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
+    """SimMIM: ``reconstruction`` (B, C, H, W); masked L1 ``loss`` when ``bool_masked_pos`` (B, N) is given."""
+
+    module_class = FlaxViTForMaskedImageModelingModule
+
+    def __call__(self, pixel_values: Any = None, params: Params | None = None,
+                 dropout_rng: jax.Array | None = None, train: bool = False, bool_masked_pos: Any = None,
+                 head_mask: Any = None,
+                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                 interpolate_pos_encoding: bool | None = None, return_dict: bool | None = None) -> Any:
+        return self._apply(pixel_values, params, dropout_rng, train, return_dict, bool_masked_pos=bool_masked_pos,
+                           head_mask=head_mask, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding)
+
