@@ -8,8 +8,12 @@ Canonical layout (what every framework writes, and HF transformers 4.x PyTorch r
     DIR/model-00001-of-0000N.safetensors
 
 Reading also accepts ``pytorch_model.bin`` (+ ``.index.json``), loaded with
-``torch.load(weights_only=True)`` only: no pickled code ever runs. Preference when several
-are present: ``model.safetensors``, its index, ``pytorch_model.bin``, its index.
+``torch.load(weights_only=True)`` only: no pickled code ever runs. HF 4.x TensorFlow
+(``tf_model.h5``, read with h5py) and Flax (``flax_model.msgpack``, read with flax's msgpack
+decoder) folders are read too, converted to canonical names and layouts by the lazily imported
+``conversion`` package (so this module still imports nothing heavy). Preference when several are
+present: ``model.safetensors``, its index, ``pytorch_model.bin``, its index, ``tf_model.h5``,
+``flax_model.msgpack``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
     "PT_WEIGHTS_NAME",
     "PT_WEIGHTS_INDEX_NAME",
+    "TF_WEIGHTS_NAME",
+    "FLAX_WEIGHTS_NAME",
     "CheckpointState",
     "find_weights",
     "read_checkpoint",
@@ -42,8 +48,12 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+TF_WEIGHTS_NAME = "tf_model.h5"
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
 #: Weight files in order of preference.
-WEIGHT_FILES: tuple[str, ...] = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME)
+WEIGHT_FILES: tuple[str, ...] = (
+    SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME, TF_WEIGHTS_NAME, FLAX_WEIGHTS_NAME
+)
 
 
 class CheckpointState(Mapping[str, np.ndarray]):
@@ -70,7 +80,7 @@ class CheckpointState(Mapping[str, np.ndarray]):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         out = {}
         for key, part in self._where.items():
-            out[key] = part.shape(key) if isinstance(part, SafetensorsFile) else tuple(part[key].shape)
+            out[key] = tuple(part.shape(key)) if callable(getattr(part, "shape", None)) else tuple(part[key].shape)
         return out
 
 
@@ -122,6 +132,17 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _read_foreign(path: Path) -> Mapping[str, np.ndarray]:
+    """HF TF / Flax weights, converted lazily by ``conversion`` (imported only when needed)."""
+    if path.suffix == ".h5":
+        from conversion.hf_tf import read_tf_h5_state
+
+        return read_tf_h5_state(path)
+    from conversion.hf_flax import read_flax_msgpack_state
+
+    return read_flax_msgpack_state(path)
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointState:
     """Open a checkpoint directory (or one weight file) for lazy reading."""
     p = Path(path)
@@ -133,7 +154,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointState:
     else:
         shards = [file]
     parts: list[Mapping[str, np.ndarray]] = [
-        SafetensorsFile(s) if s.suffix == ".safetensors" else _read_torch_bin(s) for s in shards
+        SafetensorsFile(s) if s.suffix == ".safetensors" else _read_foreign(s) if s.suffix in (".h5", ".msgpack")
+        else _read_torch_bin(s)
+        for s in shards
     ]
     return CheckpointState(file, parts)
 

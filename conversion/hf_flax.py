@@ -1,0 +1,121 @@
+"""HF transformers 4.x Flax weights (``flax_model.msgpack``) ↔ canonical, with flax.serialization only.
+
+The file is the model's parameter tree in flax's msgpack encoding. ``FlaxViTModel`` stores the
+backbone at the top (``embeddings``, ``encoder/layer/{i}/...``, ``layernorm``, ``pooler``);
+``FlaxViTForImageClassification`` nests it under ``vit`` beside ``classifier``. Leaf names map as
+``kernel`` → ``weight`` (transposed, see :func:`vit_core.weights.from_kernel_layout`),
+``scale`` → LayerNorm ``weight``; paths join with ``.``, which gives canonical names directly.
+msgpack has no random access, so reading decodes the whole file once (not memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_core.atomic import staged_files
+from vit_core.config import CONFIG_NAME, ViTConfig
+from vit_core.pretrained import saved_config_dict
+from vit_core.safetensors_io import CheckpointError
+from vit_core.weights import Kind, from_kernel_layout, to_kernel_layout
+
+from .common import LazyState, float_array, kinds_of
+
+__all__ = ["FLAX_WEIGHTS_NAME", "read_flax_msgpack_state", "write_flax_msgpack"]
+
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+_FLAX_CLASSES = ("ViTModel", "ViTForImageClassification")
+
+
+def _serialization() -> Any:
+    try:
+        from flax import serialization
+    except ImportError:
+        raise CheckpointError("reading or writing flax_model.msgpack needs flax (pip install 'trivit[flax]')") from None
+    return serialization
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def read_flax_msgpack_state(path: str | os.PathLike[str]) -> LazyState:
+    """Decode ``flax_model.msgpack`` into ``{canonical name: array in PyTorch layout}``."""
+    serialization = _serialization()
+    path = Path(path)
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # msgpack raises several types (ExtraData, ValueError, ...) on corrupt data
+        raise CheckpointError(f"{path}: corrupt or truncated flax msgpack ({type(e).__name__}: {e})") from None
+    if not isinstance(tree, Mapping) or not tree:
+        raise CheckpointError(f"{path}: expected a parameter tree, found {type(tree).__name__}")
+    tree = tree.get("params", tree) if set(tree) == {"params"} else tree
+    entries = {}
+    for keys, leaf in _flatten(tree).items():
+        if not isinstance(leaf, np.ndarray) and not hasattr(leaf, "shape"):
+            raise CheckpointError(f"{path}: leaf {'/'.join(keys)!r} is a {type(leaf).__name__}, not an array")
+        arr = float_array(np.asarray(leaf))
+        parts = list(keys)
+        kind = Kind.EMBEDDING
+        if parts[-1] == "kernel":
+            kind, parts[-1] = (Kind.CONV_WEIGHT if arr.ndim == 4 else Kind.LINEAR_WEIGHT), "weight"
+        elif parts[-1] == "scale":
+            kind, parts[-1] = Kind.NORM_WEIGHT, "weight"
+        value = np.ascontiguousarray(from_kernel_layout(kind, arr))
+        entries[".".join(parts)] = (tuple(value.shape), lambda v=value: v)
+    return LazyState(path, entries)
+
+
+def write_flax_msgpack(
+    folder: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    config: ViTConfig,
+    model_class: str,
+    flags: Mapping[str, bool] | None = None,
+) -> list[Path]:
+    """Write ``config.json`` + ``flax_model.msgpack`` that HF 4.x ``FlaxViT*.from_pretrained`` loads.
+
+    Atomic (both files or neither). flax's encoder builds the whole byte string, so peak memory
+    is about twice the model size. Only ``ViTModel`` (no mask token) and
+    ``ViTForImageClassification`` exist in HF Flax.
+    """
+    serialization = _serialization()
+    flags = dict(flags or {})
+    if model_class not in _FLAX_CLASSES or flags.get("use_mask_token"):
+        raise CheckpointError(f"HF Flax has no {model_class}{' with a mask token' if flags.get('use_mask_token') else ''}; "
+                              "write it with --to hf instead")
+    kinds = kinds_of(model_class, config, flags)
+    tree: dict[str, Any] = {}
+    for name, value in state.items():
+        if name not in kinds:
+            raise CheckpointError(f"tensor {name!r} is not in the {model_class} table; cannot write {FLAX_WEIGHTS_NAME}")
+        arr = np.ascontiguousarray(to_kernel_layout(kinds[name], np.asarray(value() if callable(value) else value)))
+        parts = name.split(".")
+        if parts[-1] == "weight":
+            parts[-1] = "scale" if kinds[name] is Kind.NORM_WEIGHT else "kernel"
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = arr
+    blob = serialization.msgpack_serialize(tree)
+    folder = Path(folder)
+    config_dict = saved_config_dict(config, model_class, "float32")
+    with staged_files(folder) as open_staged:
+        with open_staged(CONFIG_NAME) as fh:
+            fh.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        with open_staged(FLAX_WEIGHTS_NAME) as fh:
+            fh.write(blob)
+    return [folder / CONFIG_NAME, folder / FLAX_WEIGHTS_NAME]

@@ -1,0 +1,203 @@
+"""HF transformers 4.x TensorFlow weights (``tf_model.h5``) ↔ canonical, with h5py only (no TF).
+
+Layout written by ``TFViT*.save_pretrained`` (Keras 2 ``save_weights`` HDF5)::
+
+    /  attrs: layer_names = [b"vit", b"classifier"], backend, keras_version
+    /vit  attrs: weight_names = [b"tf_vi_t_for_image_classification/vit/embeddings/cls_token:0", ...]
+    /vit/tf_vi_t_for_image_classification/vit/embeddings/cls_token:0     (dataset)
+
+HF's loader drops the first component of each weight name (the Keras model name) and matches
+the rest with its own variables. Names map to canonical ones as ``/`` → ``.``,
+``layer_._{i}`` → ``layer.{i}``, ``kernel`` → ``weight`` (transposed, see
+:func:`vit_core.weights.from_kernel_layout`), ``gamma``/``beta`` → LayerNorm ``weight``/``bias``.
+A file holding more than the ``vit`` layer (a ``classifier``) gets the ``vit.`` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_core.atomic import staged_files
+from vit_core.config import CONFIG_NAME, ViTConfig
+from vit_core.pretrained import saved_config_dict
+from vit_core.safetensors_io import CheckpointError
+from vit_core.weights import BASE_MODEL_PREFIX, Kind, from_kernel_layout, to_kernel_layout
+
+from .common import LazyState, float_array, kinds_of
+
+__all__ = ["TF_WEIGHTS_NAME", "read_tf_h5_state", "write_tf_h5"]
+
+TF_WEIGHTS_NAME = "tf_model.h5"
+#: HF's Keras model names (the first weight-name component; HF ignores it when loading).
+_TF_MODEL_NAMES = {"ViTModel": "tf_vi_t_model", "ViTForImageClassification": "tf_vi_t_for_image_classification"}
+_ATTR_LIMIT = 60_000  # HDF5 object headers hold at most 64 KiB of attributes: longer lists are chunked
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError:
+        raise CheckpointError("reading or writing tf_model.h5 needs h5py (it comes with tensorflow)") from None
+    return h5py
+
+
+def _read_attr_list(group: Any, name: str) -> list[str]:
+    """A string-list attribute, joined back from Keras' chunks ``name0``, ``name1``, ... if split."""
+    if name in group.attrs:
+        values = list(group.attrs[name])
+    else:
+        values, i = [], 0
+        while f"{name}{i}" in group.attrs:
+            values += list(group.attrs[f"{name}{i}"])
+            i += 1
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _write_attr_list(group: Any, name: str, values: list[str]) -> None:
+    encoded = [v.encode("utf-8") for v in values]
+    chunks, cur, size = [], [], 0
+    for v in encoded:
+        if cur and size + len(v) > _ATTR_LIMIT:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(v)
+        size += len(v)
+    chunks.append(cur)
+    if len(chunks) == 1:
+        group.attrs[name] = np.array(chunks[0], dtype="S") if chunks[0] else np.array([], dtype="S1")
+    else:
+        for i, chunk in enumerate(chunks):
+            group.attrs[f"{name}{i}"] = np.array(chunk, dtype="S")
+
+
+def _to_canonical(tf_path: str, ndim: int) -> tuple[str, Kind]:
+    """``vit/encoder/layer_._0/attention/attention/query/kernel:0`` → canonical name and kind."""
+    parts = tf_path.removesuffix(":0").replace("layer_._", "layer/").split("/")
+    last = parts[-1]
+    if last == "kernel":
+        kind = Kind.CONV_WEIGHT if ndim == 4 else Kind.LINEAR_WEIGHT
+        parts[-1] = "weight"
+    elif last == "gamma":
+        kind, parts[-1] = Kind.NORM_WEIGHT, "weight"
+    elif last == "beta":
+        kind, parts[-1] = Kind.NORM_BIAS, "bias"
+    elif last == "bias":
+        kind = Kind.BIAS
+    else:
+        kind = Kind.EMBEDDING
+    return ".".join(parts), kind
+
+
+def _to_tf_path(name: str, kind: Kind) -> str:
+    """Inverse of :func:`_to_canonical`, without the model-name component and ``:0``."""
+    parts = name.split(".")
+    if parts[-1] == "weight":
+        parts[-1] = {Kind.NORM_WEIGHT: "gamma"}.get(kind, "kernel")
+    elif parts[-1] == "bias" and kind is Kind.NORM_BIAS:
+        parts[-1] = "beta"
+    return "/".join(parts).replace("encoder/layer/", "encoder/layer_._")
+
+
+def read_tf_h5_state(path: str | os.PathLike[str]) -> LazyState:
+    """Open ``tf_model.h5`` lazily as ``{canonical name: array in PyTorch layout}``."""
+    h5py = _h5py()
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+        layers = _read_attr_list(f, "layer_names")
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable Keras HDF5 weight file ({e})") from None
+    if not layers:
+        raise CheckpointError(f"{path}: no 'layer_names' attribute; not a Keras HDF5 weight file")
+    has_head = any(layer != BASE_MODEL_PREFIX for layer in layers)
+    entries: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
+    for layer in layers:
+        try:
+            group = f[layer]
+            names = _read_attr_list(group, "weight_names")
+        except (KeyError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: layer {layer!r} is listed but unreadable ({e})") from None
+        for weight in names:
+            try:
+                ds = group[weight]
+                shape = tuple(ds.shape)
+            except (KeyError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: weight {weight!r} of layer {layer!r} is unreadable ({e})") from None
+            name, kind = _to_canonical("/".join(weight.split("/")[1:]), len(shape))
+            if not has_head:
+                name = name.removeprefix(f"{BASE_MODEL_PREFIX}.")
+            if name in entries:
+                raise CheckpointError(f"{path}: weight {weight!r} maps to {name!r}, which appears twice")
+
+            def load(ds: Any = ds, kind: Kind = kind, weight: str = weight) -> np.ndarray:
+                try:
+                    arr = np.asarray(ds[()])
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{path}: weight {weight!r} cannot be read ({e}); truncated file?") from None
+                return np.ascontiguousarray(from_kernel_layout(kind, float_array(arr)))
+
+            dummy = np.empty(shape, dtype=np.uint8)  # only to compute the transposed shape
+            entries[name] = (tuple(from_kernel_layout(kind, dummy).shape), load)
+    return LazyState(path, entries)
+
+
+def write_tf_h5(
+    folder: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    config: ViTConfig,
+    model_class: str,
+    flags: Mapping[str, bool] | None = None,
+) -> list[Path]:
+    """Write ``config.json`` + ``tf_model.h5`` that HF 4.x ``TFViT*.from_pretrained`` loads, atomically.
+
+    ``state`` values may be arrays or zero-arg callables (read one at a time). Only ``ViTModel``
+    (without mask token) and ``ViTForImageClassification`` exist in HF TensorFlow.
+    """
+    h5py = _h5py()
+    flags = dict(flags or {})
+    if model_class not in _TF_MODEL_NAMES or flags.get("use_mask_token"):
+        raise CheckpointError(f"HF TensorFlow has no {model_class}{' with a mask token' if flags.get('use_mask_token') else ''}; "
+                              "write it with --to hf instead")
+    kinds = kinds_of(model_class, config, flags)
+    model_name = _TF_MODEL_NAMES[model_class]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{TF_WEIGHTS_NAME}.", suffix=".build", dir=folder)
+    os.close(fd)
+    try:
+        layers: dict[str, list[str]] = {}
+        with h5py.File(tmp, "w") as f:
+            for name, value in state.items():
+                if name not in kinds:
+                    raise CheckpointError(f"tensor {name!r} is not in the {model_class} table; cannot write {TF_WEIGHTS_NAME}")
+                arr = value() if callable(value) else value
+                layer = name.split(".")[0] if model_class != "ViTModel" else BASE_MODEL_PREFIX
+                tf_name = name if model_class != "ViTModel" else f"{BASE_MODEL_PREFIX}.{name}"
+                weight = f"{model_name}/{_to_tf_path(tf_name, kinds[name])}:0"
+                group = f.require_group(layer)
+                group.create_dataset(weight, data=np.ascontiguousarray(to_kernel_layout(kinds[name], np.asarray(arr))))
+                layers.setdefault(layer, []).append(weight)
+            for layer, weights in layers.items():
+                _write_attr_list(f[layer], "weight_names", weights)
+            _write_attr_list(f, "layer_names", list(layers))
+            f.attrs["backend"] = b"tensorflow"
+            f.attrs["keras_version"] = b"2.15.0"
+        config_dict = saved_config_dict(config, model_class, "float32")
+        with staged_files(folder) as open_staged:
+            with open_staged(CONFIG_NAME) as fh:
+                fh.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+            with open_staged(TF_WEIGHTS_NAME) as fh, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, fh, 16 << 20)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return [folder / CONFIG_NAME, folder / TF_WEIGHTS_NAME]

@@ -1,0 +1,229 @@
+"""timm ``VisionTransformer`` state dicts (``vit_*`` / ``deit_*``, class-token family) → canonical.
+
+timm's ViT is HF's ViT with other names: pre-norm blocks (``norm1`` → attention, ``norm2`` → MLP),
+a fused ``attn.qkv`` projection of shape (3·D, D) whose rows are [query; key; value], exact GELU,
+LayerNorm eps 1e-6, a final ``norm`` and a linear ``head`` on the class token. The file does not
+record the number of heads: it comes from ``num_heads`` or the standard width → heads table.
+
+Variants HF's ViT cannot express are refused with the feature named: register tokens, fc_norm /
+average pooling, layer scale, no class token, distillation token, qk-norm, attention pooling,
+pre-norm (``norm_pre``) and a pre-logits layer. A pos_embed without the class-token row
+(timm's ``no_embed_class=True``) is accepted: a zero row is inserted for the class token, which
+is exact because timm then adds no position embedding to the class token.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_core.config import ViTConfig
+from vit_core.safetensors_io import CheckpointError, SafetensorsFile
+
+from .common import Converted, LazyState, UnsupportedFeatureError, heads_for_width
+
+__all__ = ["read_timm", "load_flat_state", "looks_like_timm"]
+
+#: key pattern → feature name, for variants HF's ViT cannot express.
+_REFUSED: list[tuple[str, str]] = [
+    (r"^reg_token$", "register tokens (reg_token)"),
+    (r"^dist_token$|^head_dist\.", "distillation token (dist_token, DeiT distilled)"),
+    (r"^fc_norm\.", "fc_norm / global average pooling (fc_norm)"),
+    (r"\.ls[12]\.gamma$|\.gamma_[12]$", "layer scale (ls1.gamma / gamma_1)"),
+    (r"\.attn\.[qk]_norm\.", "qk norm (attn.q_norm / attn.k_norm)"),
+    (r"^attn_pool\.", "attention pooling head (attn_pool)"),
+    (r"^norm_pre\.", "pre-norm before the blocks (norm_pre)"),
+    (r"^pre_logits\.", "pre-logits representation layer (pre_logits)"),
+    (r"\.attn\.[qv]_bias$", "separate q/v biases (BEiT-style q_bias / v_bias)"),
+    (r"\.mlp\.norm\.", "norm inside the MLP (mlp.norm)"),
+    (r"^patch_embed\.norm\.", "norm after the patch embedding (patch_embed.norm)"),
+]
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_PARAMS = {
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+}
+_TOP_PARAMS = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+               "norm.weight", "norm.bias", "head.weight", "head.bias"}
+#: timm block sub-module → HF layer sub-module (weights and biases keep their suffix).
+_RENAME = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.output.dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+
+
+def load_flat_state(path: Path) -> Mapping[str, Any]:
+    """``{name: tensor-like}`` from ``.safetensors`` (memory-mapped) or a torch file (weights_only).
+
+    Torch files wrapped as ``{"model": state}`` / ``{"state_dict": state}`` are unwrapped and a
+    DDP ``module.`` prefix is dropped. Values are numpy arrays or torch tensors, read lazily.
+    """
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'trivit[torch]')") from None
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt, truncated or unsafe pickles
+        raise CheckpointError(f"{path}: cannot be read safely with torch.load(weights_only=True) ({e})") from None
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    out = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(t).__name__}, not a tensor")
+        out[key.removeprefix("module.")] = t
+    return out
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    t = value.detach()  # a torch tensor
+    if str(t.dtype) == "torch.bfloat16":
+        t = t.float()
+    return t.numpy()
+
+
+def looks_like_timm(keys: set[str]) -> bool:
+    return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys)
+
+
+def _refuse(keys: set[str], path: object) -> None:
+    for pattern, feature in _REFUSED:
+        hits = sorted(k for k in keys if re.search(pattern, k))
+        if hits:
+            raise UnsupportedFeatureError(
+                f"{path}: timm checkpoint uses {feature} (e.g. key {hits[0]!r}), which HF's ViT "
+                "architecture does not have; it cannot be converted exactly"
+            )
+    if "cls_token" not in keys:
+        raise UnsupportedFeatureError(
+            f"{path}: timm checkpoint has no class token (cls_token missing: class_token=False / global "
+            "pooling); HF's ViT classifies from a class token"
+        )
+    unknown = sorted(k for k in keys if k not in _TOP_PARAMS
+                     and not ((m := _BLOCK.match(k)) and m.group(2) in _BLOCK_PARAMS))
+    if unknown:
+        raise UnsupportedFeatureError(f"{path}: unrecognised timm keys (not a plain ViT): {unknown[:8]}")
+
+
+def read_timm(
+    path: str | os.PathLike[str],
+    *,
+    num_heads: int | None = None,
+    num_labels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> Converted:
+    """Read a timm ViT state dict (``.pth`` / ``.bin`` / ``.safetensors``).
+
+    ``num_labels``: ``None`` keeps the head as found; ``0`` drops it (→ ``ViTModel``); any other
+    value must equal the head's class count. ``image_size`` is needed only for non-square grids.
+    """
+    path = Path(path)
+    raw = load_flat_state(path)
+    keys = set(raw)
+    _refuse(keys, path)
+
+    def shape(k: str) -> tuple[int, ...]:
+        if k not in raw:
+            raise CheckpointError(f"{path}: timm key {k!r} is missing")
+        return raw.shape(k) if isinstance(raw, SafetensorsFile) else tuple(raw[k].shape)
+
+    width, channels, patch, _ = shape("patch_embed.proj.weight")
+    depth = 1 + max(int(m.group(1)) for k in keys if (m := _BLOCK.match(k)))
+    mlp = shape("blocks.0.mlp.fc1.weight")[0]
+    heads = heads_for_width(width, num_heads, path)
+    qkv_bias = "blocks.0.attn.qkv.bias" in keys
+
+    tokens = shape("pos_embed")[1]
+    class_row = True
+    if image_size is None:
+        grid = math.isqrt(tokens - 1)
+        if grid * grid != tokens - 1:
+            grid = math.isqrt(tokens)
+            class_row = False
+            if grid * grid != tokens:
+                raise CheckpointError(
+                    f"{path}: pos_embed has {tokens} rows, not a square grid (+1 class token); pass image_size"
+                )
+        image_size = grid * patch
+    else:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        n = (h // patch) * (w // patch)
+        if tokens not in (n, n + 1):
+            raise CheckpointError(f"{path}: pos_embed has {tokens} rows; image_size {image_size} needs {n + 1}")
+        class_row = tokens == n + 1
+
+    head_classes = shape("head.weight")[0] if "head.weight" in keys else 0
+    if num_labels is not None and num_labels not in (0, head_classes):
+        raise CheckpointError(
+            f"{path}: the timm head has {head_classes} classes; --num-labels {num_labels} would need a new, "
+            "untrained head (pass 0 to drop the head, or omit it)"
+        )
+    classes = head_classes if num_labels is None else num_labels
+    config = ViTConfig(
+        hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
+        hidden_act="gelu", layer_norm_eps=1e-6, image_size=image_size, patch_size=patch,
+        num_channels=channels, qkv_bias=qkv_bias, encoder_stride=patch, num_labels=classes,
+    )
+    model_class = "ViTForImageClassification" if classes else "ViTModel"
+    flags = {} if classes else {"add_pooling_layer": False}
+    prefix = "vit." if classes else ""
+
+    entries: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
+
+    def take(dst: str, src: str, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a,
+             out_shape: tuple[int, ...] | None = None) -> None:
+        entries[dst] = (out_shape or shape(src), lambda: fn(_numpy(raw[src])))
+
+    take(f"{prefix}embeddings.cls_token", "cls_token")
+    if class_row:
+        take(f"{prefix}embeddings.position_embeddings", "pos_embed")
+    else:
+        take(f"{prefix}embeddings.position_embeddings", "pos_embed",
+             lambda a: np.concatenate([np.zeros_like(a[:, :1]), a], axis=1), (1, tokens + 1, width))
+    take(f"{prefix}embeddings.patch_embeddings.projection.weight", "patch_embed.proj.weight")
+    if "patch_embed.proj.bias" in keys:
+        take(f"{prefix}embeddings.patch_embeddings.projection.bias", "patch_embed.proj.bias")
+    else:  # bias=False: a zero bias is the same function
+        entries[f"{prefix}embeddings.patch_embeddings.projection.bias"] = ((width,), lambda: np.zeros(width, np.float32))
+    for i in range(depth):
+        src, dst = f"blocks.{i}", f"{prefix}encoder.layer.{i}"
+        for j, proj in enumerate(("query", "key", "value")):
+            sl = slice(j * width, (j + 1) * width)
+            take(f"{dst}.attention.attention.{proj}.weight", f"{src}.attn.qkv.weight", lambda a, s=sl: a[s], (width, width))
+            if qkv_bias:
+                take(f"{dst}.attention.attention.{proj}.bias", f"{src}.attn.qkv.bias", lambda a, s=sl: a[s], (width,))
+        for old, new in _RENAME.items():
+            for suffix in ("weight", "bias"):
+                take(f"{dst}.{new}.{suffix}", f"{src}.{old}.{suffix}")
+    take(f"{prefix}layernorm.weight", "norm.weight")
+    take(f"{prefix}layernorm.bias", "norm.bias")
+    if classes:
+        take("classifier.weight", "head.weight")
+        take("classifier.bias", "head.bias")
+    out = Converted(config, model_class, LazyState(path, entries), flags)
+    out.check()
+    return out
