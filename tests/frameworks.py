@@ -13,6 +13,8 @@ Every adapter has the same three methods, so one test body serves every framewor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from settings import DEVICE
@@ -67,7 +69,7 @@ class HFTorchAdapter(TorchAdapter):
         from transformers.activations import ACT2FN
 
         flags.setdefault("attn_implementation", "eager")
-        act = json.loads((path / "config.json").read_text())["hidden_act"]
+        act = json.loads((Path(path) / "config.json").read_text())["hidden_act"]
         if act in ACT2FN:
             return super().load(class_name, path, **flags)
         # HF's ACT2FN lacks "selu" (trivit supports it): build HF's model with a placeholder
