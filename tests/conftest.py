@@ -78,5 +78,6 @@ def assert_outputs_close(
             assert diff <= bound, f"{where}: {name} differs by {diff:.3g} > {bound:g}"
             worst = max(worst, diff)
     group = where.partition(" [")[0]  # "tf vs pt [case]" -> "tf vs pt"
-    MAX_DIFFS[group] = max(MAX_DIFFS.get(group, 0.0), worst)
+    if group:
+        MAX_DIFFS[group] = max(MAX_DIFFS.get(group, 0.0), worst)
     return worst

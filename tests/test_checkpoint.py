@@ -198,7 +198,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     model, path = _save(tmp_path)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
-    def crash(fh, tensors, metadata=None):
+    def crash(fh, tensors, metadata=None, infos=None):
         fh.write(b"partial bytes of a checkpoint")
         raise KeyboardInterrupt("power cut")
 

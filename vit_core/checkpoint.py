@@ -28,7 +28,7 @@ import numpy as np
 
 from .atomic import staged_files
 from .config import CONFIG_NAME
-from .safetensors_io import CheckpointError, SafetensorsFile, tensor_nbytes, write_safetensors
+from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, tensor_info, write_safetensors
 
 __all__ = [
     "SAFE_WEIGHTS_NAME",
@@ -178,16 +178,15 @@ def parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB' or '200MB'")
 
 
-def _shards(tensors: Mapping[str, Any], max_bytes: int | None) -> list[list[str]]:
+def _shards(infos: Mapping[str, TensorInfo], max_bytes: int | None) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     used = 0
-    for name, arr in tensors.items():
-        n = tensor_nbytes(arr() if callable(arr) else arr)
-        if max_bytes is not None and groups[-1] and used + n > max_bytes:
+    for name, info in infos.items():
+        if max_bytes is not None and groups[-1] and used + info.nbytes > max_bytes:
             groups.append([])
             used = 0
         groups[-1].append(name)
-        used += n
+        used += info.nbytes
     return groups
 
 
@@ -205,7 +204,8 @@ def write_checkpoint(
     """
     folder = Path(folder)
     max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    groups = _shards(tensors, max_bytes)
+    infos = {name: tensor_info(arr) for name, arr in tensors.items()}  # each lazy tensor: once here, once for data
+    groups = _shards(infos, max_bytes)
     written: list[str] = []
     with staged_files(folder) as open_staged:
         if config_dict is not None:
@@ -214,20 +214,17 @@ def write_checkpoint(
             written.append(CONFIG_NAME)
         if len(groups) == 1:
             with open_staged(SAFE_WEIGHTS_NAME) as fh:
-                write_safetensors(fh, tensors)
+                write_safetensors(fh, tensors, infos=infos)
             written.append(SAFE_WEIGHTS_NAME)
         else:
             weight_map = {}
-            total = 0
             for i, names in enumerate(groups, 1):
                 shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
                 with open_staged(shard) as fh:
-                    write_safetensors(fh, {n: tensors[n] for n in names})
+                    write_safetensors(fh, {n: tensors[n] for n in names}, infos=infos)
                 written.append(shard)
-                for n in names:
-                    weight_map[n] = shard
-                    total += tensor_nbytes(tensors[n]() if callable(tensors[n]) else tensors[n])
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                weight_map.update(dict.fromkeys(names, shard))
+            index = {"metadata": {"total_size": sum(i.nbytes for i in infos.values())}, "weight_map": weight_map}
             with open_staged(SAFE_WEIGHTS_INDEX_NAME) as fh:
                 fh.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
             written.append(SAFE_WEIGHTS_INDEX_NAME)

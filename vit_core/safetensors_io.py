@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["CheckpointError", "RawTensor", "SafetensorsFile", "write_safetensors", "tensor_nbytes"]
+__all__ = ["CheckpointError", "RawTensor", "SafetensorsFile", "TensorInfo", "tensor_info", "write_safetensors"]
 
 _NP_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -63,8 +63,22 @@ def _st_dtype(arr: Any) -> str:
     raise CheckpointError(f"dtype {dt} cannot be stored in safetensors")
 
 
-def tensor_nbytes(arr: Any) -> int:
-    return int(np.prod(arr.shape, dtype=np.int64)) * _ITEMSIZE[_st_dtype(arr)]
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header records of one tensor."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.dtype]
+
+
+def tensor_info(arr: Any) -> TensorInfo:
+    """Header entry of an array, :class:`RawTensor`, or zero-argument callable returning one."""
+    a = arr() if callable(arr) else arr
+    return TensorInfo(_st_dtype(a), tuple(int(s) for s in a.shape))
 
 
 def _raw_bytes(arr: Any) -> memoryview:
@@ -77,31 +91,32 @@ def _raw_bytes(arr: Any) -> memoryview:
 
 
 def write_safetensors(
-    fh: BinaryIO, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+    fh: BinaryIO,
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    infos: Mapping[str, TensorInfo] | None = None,
 ) -> None:
     """Stream ``tensors`` (name → numpy array or :class:`RawTensor`) into the open file ``fh``.
 
     Values may also be zero-argument callables returning the array, so a converter can produce
-    one tensor at a time; shapes and dtypes are then read from a first pass over ``(name, fn)``.
+    one tensor at a time. The header needs every dtype and shape first: pass ``infos`` (from
+    :func:`tensor_info`) if known, else each callable is called once for it and once for its data.
     """
+    infos = {name: tensor_info(arr) for name, arr in tensors.items()} if infos is None else infos
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    shapes = {}
-    for name, arr in tensors.items():
-        a = arr() if callable(arr) else arr
-        dtype = _st_dtype(a)
-        n = tensor_nbytes(a)
-        shapes[name] = (dtype, n)
-        header[name] = {"dtype": dtype, "shape": [int(s) for s in a.shape], "data_offsets": [offset, offset + n]}
-        offset += n
+    for name in tensors:
+        info = infos[name]
+        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as the reference writer does
     fh.write(struct.pack("<Q", len(blob)))
     fh.write(blob)
     for name, arr in tensors.items():
         a = arr() if callable(arr) else arr
-        if _st_dtype(a) != shapes[name][0] or tensor_nbytes(a) != shapes[name][1]:
-            raise CheckpointError(f"tensor {name!r} changed between the header pass and the data pass")
+        if tensor_info(a) != infos[name]:
+            raise CheckpointError(f"tensor {name!r} is {tensor_info(a)}, but its header says {infos[name]}")
         fh.write(_raw_bytes(a))
 
 
