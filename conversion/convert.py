@@ -27,7 +27,7 @@ from .common import Converted
 __all__ = ["TARGET_FORMATS", "write_converted", "convert_to", "verify"]
 
 #: ``--to`` value → number of times the writer materialises each tensor (for the progress count).
-TARGET_FORMATS: dict[str, int] = {"hf": 3, "tf-h5": 1, "flax-msgpack": 1}
+TARGET_FORMATS: dict[str, int] = {"hf": 2, "tf-h5": 1, "flax-msgpack": 1}  # hf: header pass + data pass
 _PROGRESS_MIN_BYTES = 100 * 2**20
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,27 @@ def read_flax_msgpack_state(path: str | os.PathLike[str]) -> LazyState:
     return LazyState(path, entries)
 
 
+def _ndarray_ext(packer: Any, arr: np.ndarray) -> tuple[bytes, memoryview]:
+    """msgpack header bytes + raw data of one array leaf, as flax encodes it: an ext value of type
+    1 whose payload is the msgpack array ``[shape, dtype name, bin(C-order bytes)]``."""
+    raw = memoryview(arr.reshape(-1)).cast("B")
+    n = len(raw)
+    bin_head = (b"\xc4" + struct.pack(">B", n) if n < 2**8 else b"\xc5" + struct.pack(">H", n) if n < 2**16
+                else b"\xc6" + struct.pack(">I", n))
+    payload_head = b"\x93" + packer.pack(list(arr.shape)) + packer.pack(arr.dtype.name) + bin_head
+    size = len(payload_head) + n
+    fixext = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
+    if size in fixext:
+        ext_head = fixext[size]
+    elif size < 2**8:
+        ext_head = b"\xc7" + struct.pack(">B", size)
+    elif size < 2**16:
+        ext_head = b"\xc8" + struct.pack(">H", size)
+    else:
+        ext_head = b"\xc9" + struct.pack(">I", size)
+    return ext_head + b"\x01" + payload_head, raw
+
+
 def write_flax_msgpack(
     folder: str | os.PathLike[str],
     state: Mapping[str, Any],
@@ -88,34 +110,61 @@ def write_flax_msgpack(
 ) -> list[Path]:
     """Write ``config.json`` + ``flax_model.msgpack`` that HF 4.x ``FlaxViT*.from_pretrained`` loads.
 
-    Atomic (both files or neither). flax's encoder builds the whole byte string, so peak memory
-    is about twice the model size. Only ``ViTModel`` (no mask token) and
-    ``ViTForImageClassification`` exist in HF Flax.
+    Atomic (both files or neither) and streaming: the parameter tree's structure comes from the
+    names alone, then each leaf is loaded, its msgpack header written and its bytes written
+    straight from the array, before the next is loaded (bfloat16 leaves and leaves above flax's
+    1 GiB chunk size go through flax's own ``msgpack_serialize``, which chunks them as flax does).
+    msgpack is self-delimiting, so the file is byte for byte what
+    ``flax.serialization.msgpack_serialize(tree)`` gives (keys sorted, as flax's tree_map does),
+    without ever holding the whole model or the whole byte string. Only ``ViTModel`` (no mask token) and ``ViTForImageClassification``
+    exist in HF Flax.
     """
     serialization = _serialization()
+    import msgpack  # a dependency of flax
+
     flags = dict(flags or {})
     if model_class not in _FLAX_CLASSES or flags.get("use_mask_token"):
         raise CheckpointError(f"HF Flax has no {model_class}{' with a mask token' if flags.get('use_mask_token') else ''}; "
                               "write it with --to hf instead")
     kinds = kinds_of(model_class, config, flags)
-    tree: dict[str, Any] = {}
-    for name, value in state.items():
+    tree: dict[str, Any] = {}  # flax path → canonical name (no data yet)
+    for name in state:
         if name not in kinds:
             raise CheckpointError(f"tensor {name!r} is not in the {model_class} table; cannot write {FLAX_WEIGHTS_NAME}")
-        arr = np.ascontiguousarray(to_kernel_layout(kinds[name], np.asarray(value() if callable(value) else value)))
         parts = name.split(".")
         if parts[-1] == "weight":
             parts[-1] = "scale" if kinds[name] is Kind.NORM_WEIGHT else "kernel"
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = arr
-    blob = serialization.msgpack_serialize(tree)
+            if not isinstance(node, dict):
+                raise CheckpointError(f"tensor {name!r} nests under another tensor; cannot write {FLAX_WEIGHTS_NAME}")
+        node[parts[-1]] = name
+    packer = msgpack.Packer(use_bin_type=True)
+
+    def emit(fh: Any, node: dict[str, Any]) -> None:
+        fh.write(packer.pack_map_header(len(node)))
+        for key, value in sorted(node.items()):  # flax's tree_map orders dict keys
+            fh.write(packer.pack(key))
+            if isinstance(value, dict):
+                emit(fh, value)
+                continue
+            loaded = state[value]
+            arr = np.ascontiguousarray(to_kernel_layout(kinds[value], np.asarray(loaded() if callable(loaded) else loaded)))
+            if arr.dtype.kind in "fiub" and arr.dtype.name != "bfloat16" and arr.nbytes <= serialization.MAX_CHUNK_SIZE:
+                head, raw = _ndarray_ext(packer, arr)
+                fh.write(head)
+                fh.write(raw)  # straight from the array: no bytes copy of the tensor
+                del raw
+            else:  # bfloat16 (no buffer export) or above flax's chunk size: flax's own encoder for this leaf
+                fh.write(serialization.msgpack_serialize(arr))
+            del arr
+
     folder = Path(folder)
     config_dict = saved_config_dict(config, model_class, "float32")
     with staged_files(folder) as open_staged:
         with open_staged(CONFIG_NAME) as fh:
             fh.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         with open_staged(FLAX_WEIGHTS_NAME) as fh:
-            fh.write(blob)
+            emit(fh, tree)
     return [folder / CONFIG_NAME, folder / FLAX_WEIGHTS_NAME]
