@@ -10,8 +10,10 @@ Layouts are transposed only by :func:`~vit_core.weights.to_kernel_layout` / ``fr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
 import keras
@@ -25,7 +27,67 @@ from vit_core.outputs import ModelOutput
 from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
 from vit_core.weights import Kind, ParamSpec, from_kernel_layout, initial_value, param_specs, to_kernel_layout
 
-__all__ = ["TFPreTrainedModel", "activation", "resolve_variable", "KIND_TO_VARIABLE"]
+__all__ = [
+    "TFPreTrainedModel", "ViTConfigSerializable", "activation", "resolve_variable", "register", "KIND_TO_VARIABLE",
+]
+
+#: Package name under which every trivit Keras class is registered (``"trivit>TFViTModel"`` in ``.keras`` files).
+KERAS_PACKAGE = "trivit"
+
+
+def register(cls: type) -> type:
+    """Register a class for ``.keras`` saving / ``keras.models.load_model`` under package ``trivit``."""
+    return keras.saving.register_keras_serializable(package=KERAS_PACKAGE)(cls)
+
+
+def config_to_dict(config: ViTConfig) -> dict[str, Any]:
+    """JSON-able ViTConfig, runtime fields included (``to_dict`` omits ``attn_implementation``, as HF does)."""
+    return {**config.to_dict(), "attn_implementation": config.attn_implementation}
+
+
+@contextlib.contextmanager
+def _global_policy(policy: Any) -> Iterator[None]:
+    """Build under ``policy`` (a name, a serialized dict or None): trivit sublayers take the global policy."""
+    if policy is None:
+        yield
+        return
+    if isinstance(policy, dict):
+        policy = keras.dtype_policies.deserialize(policy)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class ViTConfigSerializable:
+    """``get_config`` / ``from_config`` for Keras classes whose first argument is a :class:`ViTConfig`.
+
+    The config travels as its JSON dict under ``"config"``; other constructor options are named by
+    :meth:`_init_options`. ``from_config`` builds under the saved dtype policy, so the sublayers (which
+    take the global policy) come back in the same precision.
+    """
+
+    config: ViTConfig
+
+    def _init_options(self) -> dict[str, Any]:
+        return {}
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "config": config_to_dict(self.config), **self._init_options()}  # type: ignore[misc]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:  # noqa: ARG003
+        config = dict(config)
+        vit_config = config.pop("config")
+        if not isinstance(vit_config, ViTConfig):
+            vit_config = ViTConfig.from_dict(vit_config)
+        policy = config.pop("dtype", None)
+        if isinstance(policy, dict):
+            policy = keras.dtype_policies.deserialize(policy)
+        with _global_policy(policy):
+            return cls(vit_config, dtype=policy, **config)
 
 M = TypeVar("M", bound="TFPreTrainedModel")
 Tensor = Any  # a tf.Tensor / keras variable
@@ -87,7 +149,7 @@ def resolve_variable(model: keras.layers.Layer, spec: ParamSpec) -> keras.Variab
     return obj if leaf is None else getattr(obj, leaf)
 
 
-class TFPreTrainedModel(keras.Model):
+class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
     """Base of every trivit Keras model; mirrors :class:`vit_torch.modeling_utils.TorchPreTrainedModel`."""
 
     config_class = ViTConfig
@@ -100,6 +162,9 @@ class TFPreTrainedModel(keras.Model):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self._table_flags: dict[str, bool] = {}
+
+    def _init_options(self) -> dict[str, Any]:
+        return dict(self._table_flags)  # the constructor flags (add_pooling_layer, use_mask_token)
 
     # ------------------------------------------------------------------ weights table
     def param_specs(self) -> list[ParamSpec]:
@@ -183,6 +248,60 @@ class TFPreTrainedModel(keras.Model):
     @staticmethod
     def _prediction(out: ModelOutput) -> Tensor:
         return next(v for k, v in out.items() if k != "loss")
+
+    # ------------------------------------------------------------------ export
+    def serving_signature(self, batch_size: int | None = None) -> list[Any]:
+        """``[TensorSpec((batch_size, C, H, W), float32, name="pixel_values")]``: NCHW at the config's image
+        size (the size is fixed when the graph is traced; ``None`` batch stays dynamic)."""
+        import tensorflow as tf
+
+        h, w = self.config.image_hw
+        return [tf.TensorSpec((batch_size, self.config.num_channels, h, w), tf.float32, name="pixel_values")]
+
+    def serve(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        """The exported inference function: NCHW float32 in, ``{field: tensor}`` out (``logits``,
+        ``last_hidden_state`` + ``pooler_output``, or ``reconstruction``); no hidden states / attentions."""
+        out = self(pixel_values, output_attentions=False, output_hidden_states=False, return_dict=True, training=False)
+        return {k: ops.cast(v, "float32") for k, v in out.items()}
+
+    def export(  # type: ignore[override]
+        self,
+        filepath: str | os.PathLike[str],
+        format: str = "tf_saved_model",  # noqa: A002
+        verbose: bool | None = None,
+        input_signature: Any = None,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Export for inference without trivit installed.
+
+        ``format="tf_saved_model"``: a SavedModel whose ``serve`` endpoint (also the ``serving_default``
+        signature) takes ``pixel_values`` (B, C, H, W) float32 and returns a dict of output tensors.
+        ``format="litert"``: a ``.tflite`` file, converted from that SavedModel by
+        ``tf.lite.TFLiteConverter.from_saved_model`` (``kwargs`` are set on the converter, e.g.
+        ``optimizations=[tf.lite.Optimize.DEFAULT]``). Other formats go to ``keras.Model.export``.
+        """
+        if format == "litert":
+            import tempfile
+
+            import tensorflow as tf
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.export(tmp, verbose=False, input_signature=input_signature, batch_size=batch_size)
+                converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+                for key, value in kwargs.items():
+                    setattr(converter, key, value)
+                blob = converter.convert()
+            with open(filepath, "wb") as f:
+                f.write(blob)
+            return
+        if format != "tf_saved_model":
+            super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+            return
+        archive = keras.export.ExportArchive()
+        archive.track(self)
+        archive.add_endpoint("serve", self.serve, input_signature or self.serving_signature(batch_size))
+        archive.write_out(filepath, verbose=bool(verbose))
 
     # ------------------------------------------------------------------ save / load
     def state_dict_numpy(self) -> dict[str, np.ndarray]:

@@ -16,21 +16,35 @@ import keras
 import numpy as np
 from keras import ops
 
+from vit_core.checks import check_bool_masked_pos, check_mim_mask_allowed, check_pixel_values
 from vit_core.config import ViTConfig
 from vit_core.interpolation import resize_matrix
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
-from .modeling_tf_utils import TFPreTrainedModel, Tensor, activation
+from .modeling_tf_utils import TFPreTrainedModel, Tensor, ViTConfigSerializable, activation, register
 
 __all__ = ["TFViTModel", "TFViTForImageClassification", "TFViTForMaskedImageModeling", "TFViTPreTrainedModel"]
 
 Shape = tuple[int | None, ...]
 
 
+def _static_shape(x: Tensor) -> tuple[int, ...]:
+    """The static shape for the shared checks in :mod:`vit_core.checks`. An unknown dimension (the batch of
+    a traced signature) reads -1; every other dimension must be known when the graph is traced."""
+    shape = tuple(-1 if s is None else int(s) for s in (x.shape if hasattr(x, "shape") else np.shape(x)))
+    if -1 in shape[1:]:
+        raise ValueError(
+            f"only the batch dimension may be unknown when tracing, got shape {tuple(x.shape)}; "
+            "image size is fixed at trace time"
+        )
+    return shape
+
+
 def _dense(units: int, name: str, use_bias: bool = True) -> keras.layers.Dense:
     return keras.layers.Dense(units, use_bias=use_bias, name=name)
 
 
+@register
 class TFViTLayerNorm(keras.layers.LayerNormalization):
     """Keras LayerNormalization computing ``(x - mean)·rsqrt(var + eps)·γ + β`` as PyTorch does; Keras's own
     ``x·inv + (β - mean·inv)`` cancels badly when |mean| ≫ std (1e-5 errors at ViT-B/16 scale)."""
@@ -48,11 +62,13 @@ def _layer_norm(config: ViTConfig, name: str) -> TFViTLayerNorm:
     return TFViTLayerNorm(epsilon=config.layer_norm_eps, name=name)
 
 
-class TFViTPatchEmbeddings(keras.layers.Layer):
+@register
+class TFViTPatchEmbeddings(ViTConfigSerializable, keras.layers.Layer):
     """(B, C, H, W) → (B, N, D) by a stride-p convolution, patches in row-major order."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
+        self.config = config
         self.image_size = config.image_hw
         self.patch_size = (config.patch_size, config.patch_size)
         self.num_channels = config.num_channels
@@ -66,25 +82,13 @@ class TFViTPatchEmbeddings(keras.layers.Layer):
         self.projection.build((b, h, w, c))
 
     def call(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
-        shape = tuple(pixel_values.shape)
-        if len(shape) != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {shape}")
-        _, c, h, w = shape
-        if c != self.num_channels:
-            raise ValueError(
-                f"pixel_values has {c} channels (shape {shape}), but config.num_channels is "
-                f"{self.num_channels}; inputs are NCHW"
-            )
-        if not interpolate_pos_encoding and (h, w) != self.image_size:
-            raise ValueError(
-                f"Input image size ({h}*{w}) doesn't match model ({self.image_size[0]}*{self.image_size[1]}); "
-                "pass interpolate_pos_encoding=True to run at another resolution"
-            )
+        gh, gw = check_pixel_values(_static_shape(pixel_values), self.config, interpolate_pos_encoding)
         x = self.projection(ops.transpose(pixel_values, (0, 2, 3, 1)))  # (B, H/p, W/p, D)
-        return ops.reshape(x, (-1, x.shape[1] * x.shape[2], x.shape[3]))
+        return ops.reshape(x, (-1, gh * gw, x.shape[3]))
 
 
-class TFViTEmbeddings(keras.layers.Layer):
+@register
+class TFViTEmbeddings(ViTConfigSerializable, keras.layers.Layer):
     """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
 
     def __init__(self, config: ViTConfig, use_mask_token: bool = False, **kwargs: Any):
@@ -94,6 +98,9 @@ class TFViTEmbeddings(keras.layers.Layer):
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
         self.patch_size = config.patch_size
         self.config = config
+
+    def _init_options(self) -> dict[str, Any]:
+        return {"use_mask_token": self.use_mask_token}
 
     def build(self, input_shape: Shape) -> None:
         d = self.config.hidden_size
@@ -116,8 +123,9 @@ class TFViTEmbeddings(keras.layers.Layer):
         cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
         d = embeddings.shape[-1]
         mode = self.config.interpolate_pos_mode
-        wy = ops.convert_to_tensor(resize_matrix(grid[0], new_grid[0], mode).astype(np.float32))  # (h', h)
-        wx = ops.convert_to_tensor(resize_matrix(grid[1], new_grid[1], mode).astype(np.float32))  # (w', w)
+        dtype = patch_pos.dtype  # the compute dtype (bfloat16 under a mixed policy)
+        wy = ops.cast(resize_matrix(grid[0], new_grid[0], mode).astype(np.float32), dtype)  # (h', h)
+        wx = ops.cast(resize_matrix(grid[1], new_grid[1], mode).astype(np.float32), dtype)  # (w', w)
         patch_pos = ops.reshape(patch_pos, (*grid, d))
         patch_pos = ops.einsum("yh,hwd->ywd", wy, patch_pos)
         patch_pos = ops.einsum("xw,ywd->yxd", wx, patch_pos)
@@ -134,15 +142,11 @@ class TFViTEmbeddings(keras.layers.Layer):
         _, _, h, w = pixel_values.shape  # validated by the patch embedding
         b, n = ops.shape(embeddings)[0], embeddings.shape[1]
         if bool_masked_pos is not None:
-            if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
-            if len(bool_masked_pos.shape) != 2 or bool_masked_pos.shape[1] != n or (
-                embeddings.shape[0] is not None and bool_masked_pos.shape[0] != embeddings.shape[0]
-            ):
-                raise ValueError(
-                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, "
-                    f"got {tuple(bool_masked_pos.shape)}"
-                )
+            mask_shape = _static_shape(bool_masked_pos)
+            batch = embeddings.shape[0]
+            if batch is None or mask_shape[:1] == (-1,):  # traced with an unknown batch: compare the rest
+                batch = mask_shape[0] if mask_shape else -1
+            check_bool_masked_pos(mask_shape, batch, n, self.mask_token is not None)
             mask = ops.cast(bool_masked_pos[..., None], embeddings.dtype)
             embeddings = embeddings * (1.0 - mask) + self.mask_token * mask
         cls = ops.broadcast_to(self.cls_token, (b, 1, embeddings.shape[-1]))
@@ -154,7 +158,8 @@ class TFViTEmbeddings(keras.layers.Layer):
         return self.dropout(embeddings, training=training)
 
 
-class TFViTSelfAttention(keras.layers.Layer):
+@register
+class TFViTSelfAttention(ViTConfigSerializable, keras.layers.Layer):
     """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None.
 
     Always the explicit softmax path (the numbers of PyTorch's eager and sdpa paths agree)."""
@@ -185,11 +190,13 @@ class TFViTSelfAttention(keras.layers.Layer):
     ) -> tuple[Tensor, Tensor | None]:
         s = hidden_states.shape[1]
 
-        def split(x: Tensor) -> Tensor:  # (B, S, D) → (B, h, S, d)
-            return ops.transpose(ops.reshape(x, (-1, s, self.num_attention_heads, self.attention_head_size)), (0, 2, 1, 3))
+        def split(x: Tensor, perm: tuple[int, ...]) -> Tensor:  # (B, S, D) → (B, S, h, d) → perm
+            return ops.transpose(ops.reshape(x, (-1, s, self.num_attention_heads, self.attention_head_size)), perm)
 
-        q, k, v = split(self.query(hidden_states)), split(self.key(hidden_states)), split(self.value(hidden_states))
-        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * self.scaling
+        q = split(self.query(hidden_states), (0, 2, 1, 3))  # (B, h, S, d)
+        k_t = split(self.key(hidden_states), (0, 2, 3, 1))  # (B, h, d, S): k transposed by one permutation, not two
+        v = split(self.value(hidden_states), (0, 2, 1, 3))
+        scores = ops.matmul(q, k_t) * self.scaling
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
         probs = self.dropout(probs, training=training)
         if head_mask is not None:
@@ -198,11 +205,13 @@ class TFViTSelfAttention(keras.layers.Layer):
         return ops.reshape(context, (-1, s, self.all_head_size)), probs
 
 
-class TFViTSelfOutput(keras.layers.Layer):
+@register
+class TFViTSelfOutput(ViTConfigSerializable, keras.layers.Layer):
     """Attention output projection; the residual is added in :class:`TFViTLayer`."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
+        self.config = config
         self.dense = _dense(config.hidden_size, "dense")
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
 
@@ -213,9 +222,11 @@ class TFViTSelfOutput(keras.layers.Layer):
         return self.dropout(self.dense(hidden_states), training=training)
 
 
-class TFViTAttention(keras.layers.Layer):
+@register
+class TFViTAttention(ViTConfigSerializable, keras.layers.Layer):
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
+        self.config = config
         self.attention = TFViTSelfAttention(config, name="attention")
         self.self_output = TFViTSelfOutput(config, name="output")  # torch: self.output (a Keras property)
 
@@ -236,11 +247,13 @@ class TFViTAttention(keras.layers.Layer):
         return self.self_output(context, training=training), probs
 
 
-class TFViTIntermediate(keras.layers.Layer):
+@register
+class TFViTIntermediate(ViTConfigSerializable, keras.layers.Layer):
     """(B, S, D) → (B, S, intermediate_size), then the activation."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
+        self.config = config
         self.dense = _dense(config.intermediate_size, "dense")
         self.intermediate_act_fn = activation(config.hidden_act)
 
@@ -251,11 +264,13 @@ class TFViTIntermediate(keras.layers.Layer):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class TFViTOutput(keras.layers.Layer):
+@register
+class TFViTOutput(ViTConfigSerializable, keras.layers.Layer):
     """(B, S, intermediate_size) → (B, S, D), plus the residual ``input_tensor``."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
+        self.config = config
         self.dense = _dense(config.hidden_size, "dense")
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
 
@@ -266,7 +281,8 @@ class TFViTOutput(keras.layers.Layer):
         return self.dropout(self.dense(hidden_states), training=training) + input_tensor
 
 
-class TFViTLayer(keras.layers.Layer):
+@register
+class TFViTLayer(ViTConfigSerializable, keras.layers.Layer):
     """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
@@ -306,7 +322,8 @@ class TFViTLayer(keras.layers.Layer):
         return layer_output, probs
 
 
-class TFViTEncoder(keras.layers.Layer):
+@register
+class TFViTEncoder(ViTConfigSerializable, keras.layers.Layer):
     """``num_hidden_layers`` × :class:`TFViTLayer`: (B, S, D) → :class:`BaseModelOutput`."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
@@ -340,11 +357,13 @@ class TFViTEncoder(keras.layers.Layer):
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
 
 
-class TFViTPooler(keras.layers.Layer):
+@register
+class TFViTPooler(ViTConfigSerializable, keras.layers.Layer):
     """Class token → dense → activation: (B, S, D) → (B, pooler_output_size)."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
+        self.config = config
         self.dense = _dense(int(config.pooler_output_size or config.hidden_size), "dense")
         self.activation = activation(config.pooler_act)
 
@@ -355,12 +374,16 @@ class TFViTPooler(keras.layers.Layer):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
+@register
 class TFViTPixelShuffle(keras.layers.Layer):
     """PyTorch's ``nn.PixelShuffle(r)`` from channels-last input: (B, h, w, C·r²) → (B, C, h·r, w·r)."""
 
     def __init__(self, upscale_factor: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.upscale_factor = upscale_factor
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "upscale_factor": self.upscale_factor}
 
     def call(self, x: Tensor) -> Tensor:
         r = self.upscale_factor
@@ -375,6 +398,7 @@ class TFViTPreTrainedModel(TFPreTrainedModel):
     """Shared machinery (init, from_pretrained, save_pretrained, fit hooks) lives in :class:`TFPreTrainedModel`."""
 
 
+@register
 class TFViTModel(TFViTPreTrainedModel):
     """The bare encoder. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
 
@@ -450,6 +474,7 @@ def _is_integer(x: Tensor) -> bool:
     return not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
 
 
+@register
 class TFViTForImageClassification(TFViTPreTrainedModel):
     """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
 
@@ -496,8 +521,10 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def _classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits."""
+        """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits.
+        Computed in float32 whatever the compute dtype (as Keras does under mixed precision)."""
         labels = ops.convert_to_tensor(labels)
+        logits = ops.cast(logits, "float32")
         kind = self.config.resolve_problem_type(_is_integer(labels))
         if kind == "regression":
             if self.num_labels == 1:
@@ -513,6 +540,7 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
         return ops.mean(ops.binary_crossentropy(ops.cast(labels, logits.dtype), logits, from_logits=True))
 
 
+@register
 class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
     """SimMIM: encoder with mask tokens, 1×1 conv to stride²·C channels, pixel shuffle → (B, C, H, W)."""
 
@@ -544,11 +572,8 @@ class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
         )
         bool_masked_pos = extra["bool_masked_pos"]
         cfg = self.config
-        if bool_masked_pos is not None and cfg.patch_size != cfg.encoder_stride:
-            raise ValueError(
-                "When `bool_masked_pos` is provided, `patch_size` must be equal to `encoder_stride` so that the "
-                f"reconstruction has the input's size. Got patch_size={cfg.patch_size}, encoder_stride={cfg.encoder_stride}."
-            )
+        if bool_masked_pos is not None:
+            check_mim_mask_allowed(cfg)
         return_dict = cfg.return_dict if return_dict is None else return_dict
         outputs = self.vit(
             pixel_values,
@@ -570,8 +595,8 @@ class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
         if bool_masked_pos is not None:
             mask = ops.reshape(bool_masked_pos, (-1, gh, gw))
             mask = ops.repeat(ops.repeat(mask, cfg.patch_size, axis=1), cfg.patch_size, axis=2)[:, None]
-            mask = ops.cast(mask, reconstruction.dtype)
-            per_pixel = ops.abs(ops.cast(pixel_values, reconstruction.dtype) - reconstruction)
+            mask = ops.cast(mask, "float32")  # the loss in float32 whatever the compute dtype
+            per_pixel = ops.abs(ops.cast(pixel_values, "float32") - ops.cast(reconstruction, "float32"))
             loss = ops.sum(per_pixel * mask) / (ops.sum(mask) + 1e-5) / cfg.num_channels
         out = MaskedImageModelingOutput(
             loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
