@@ -28,6 +28,7 @@ from conftest import assert_outputs_close  # noqa: E402
 from frameworks import TorchAdapter  # noqa: E402
 from frameworks_flax import FlaxAdapter  # noqa: E402
 from tolerances import GRAD_RTOL  # noqa: E402
+from vit_core.checkpoint import read_checkpoint  # noqa: E402
 from vit_core.config import SUPPORTED_ACTIVATIONS, ViTConfig  # noqa: E402
 from vit_core.weights import Init, Kind, ParamSpec, to_kernel_layout  # noqa: E402
 
@@ -147,6 +148,20 @@ def test_not_4d_error(saved):
         FX.load("ViTModel", saved("ViTModel"))(pixels()[0])
 
 
+def test_unknown_input_keyword_is_a_type_error(saved):
+    model = FX.load("ViTForImageClassification", saved("ViTForImageClassification"))
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bool_masked_pos'\]"):
+        model(pixels(), bool_masked_pos=np.zeros((2, 16), bool))
+
+
+def test_linen_module_checks_name_the_nchw_shape():
+    """The modules validate (once, with vit_core.checks) also when applied directly on NHWC input."""
+    module = vit_flax.FlaxViTModel(ViTConfig(**TINY), _do_init=False).module
+    x = jnp.zeros((2, 32, 32, 2))  # NHWC with 2 channels
+    with pytest.raises(ValueError, match=r"pixel_values has 2 channels \(shape \(2, 2, 32, 32\)\)"):
+        jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), x)
+
+
 def test_mim_stride_error(saved):
     folder = saved("ViTForMaskedImageModeling", encoder_stride=4)
     model = FX.load("ViTForMaskedImageModeling", folder)
@@ -185,6 +200,48 @@ def test_save_pretrained_loads_in_torch(saved, tmp_path):
     back = vit_flax.FlaxViTForImageClassification.from_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(back.params["classifier"]["kernel"]),
                                   np.asarray(params["classifier"]["kernel"].astype(jnp.bfloat16)).astype(np.float32))
+
+
+def test_bf16_compute_with_fp32_params(saved):
+    folder, x, y = _classifier_and_batch(saved)
+    fp32 = FX.load("ViTForImageClassification", folder)
+    bf16 = vit_flax.FlaxViTForImageClassification.from_pretrained(folder, dtype=jnp.bfloat16)
+    assert {p.dtype for p in jax.tree_util.tree_leaves(bf16.params)} == {jnp.dtype(jnp.float32)}
+    out = jax.jit(lambda p: bf16(x, params=p, labels=y))(bf16.params)
+    assert out.logits.dtype == jnp.bfloat16
+    ref = np.asarray(fp32(x).logits)
+    # bf16 keeps 8 mantissa bits (rel. step 2**-8 ≈ 0.4%); over 2 layers the rounding of activations
+    # accumulates to ~1% of the logits' scale here, so 5% of max|logit| is loose but catches a wrong path.
+    assert np.abs(np.asarray(out.logits, np.float32) - ref).max() <= 5e-2 * np.abs(ref).max()
+    grads = jax.jit(jax.grad(lambda p: bf16(x, params=p, labels=y).loss.astype(jnp.float32)))(bf16.params)
+    assert {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}  # master params stay fp32
+
+
+def test_scan_layers_same_checkpoint_same_numbers(saved, tmp_path):
+    """scan_layers=True stacks params per layer (nn.scan) but loads / saves the same canonical table exactly."""
+    folder = saved("ViTForImageClassification", num_hidden_layers=3)
+    plain = FX.load("ViTForImageClassification", folder)
+    scan = vit_flax.FlaxViTForImageClassification.from_pretrained(folder, scan_layers=True)
+    assert "layer_0" not in scan.params["vit"]["encoder"]
+    assert scan.params["vit"]["encoder"]["layer"]["attention"]["attention"]["query"]["kernel"].shape == (3, 32, 32)
+    head_mask = (np.random.default_rng(1).random((3, 4)) > 0.4).astype(np.float32)
+    inputs = {"pixel_values": pixels(), "labels": np.array([0, 2], np.int64), "head_mask": head_mask}
+    kw = dict(output_attentions=True, output_hidden_states=True)
+    # same params; scanned vs unrolled XLA programs may round differently at the 1e-8 level
+    assert_outputs_close(FX.run(scan, inputs, **kw), FX.run(plain, inputs, **kw), atol=1e-6, where="scan vs unrolled")
+    scan.save_pretrained(tmp_path / "scan")
+    src, out = read_checkpoint(folder), read_checkpoint(tmp_path / "scan")
+    assert sorted(src) == sorted(out)
+    for name in src:
+        np.testing.assert_array_equal(out[name], src[name], err_msg=name)  # bit-exact round trip
+    x, y = inputs["pixel_values"], inputs["labels"]
+    remat = vit_flax.FlaxViTForImageClassification.from_pretrained(folder, scan_layers=True,
+                                                                   gradient_checkpointing=True)
+    g_scan = jax.jit(jax.grad(lambda p: remat(x, params=p, labels=y).loss))(remat.params)
+    g_plain = jax.jit(jax.grad(lambda p: plain(x, params=p, labels=y).loss))(plain.params)
+    g_scan = vit_flax.modeling_flax_utils.unstack_layers(g_scan, 3)
+    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), g_scan, g_plain)
+    assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-6
 
 
 def test_load_backbone_into_head_reports_missing(saved):
@@ -266,7 +323,7 @@ import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import Mesh
 jax.config.update("jax_default_matmul_precision", "highest")
 import vit_flax
-from vit_flax.training import make_train_step, shard_batch
+from vit_flax.training import make_train_step, replicate, shard_batch
 assert jax.device_count() == 8, jax.devices()
 model = vit_flax.FlaxViTForImageClassification.from_pretrained(sys.argv[1])
 rng = np.random.default_rng(0)
@@ -275,7 +332,9 @@ batch = {"pixel_values": rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
 tx = optax.adamw(1e-3)
 p1, _, l1 = make_train_step(model, tx)(model.params, tx.init(model.params), batch)
 mesh = Mesh(np.array(jax.devices()), ("data",))
-p8, _, l8 = make_train_step(model, tx, mesh)(model.params, tx.init(model.params), shard_batch(batch, mesh))
+params = replicate(model.params, mesh)
+assert len(jax.tree_util.tree_leaves(params)[0].sharding.device_set) == 8
+p8, _, l8 = make_train_step(model, tx, mesh)(params, replicate(tx.init(model.params), mesh), shard_batch(batch, mesh))
 diff = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), p1, p8)))
 changed = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), p1,
                                                                model.params)))

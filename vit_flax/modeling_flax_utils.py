@@ -21,7 +21,7 @@ from vit_core.config import ViTConfig
 from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
 from vit_core.weights import Init, Kind, ParamSpec, from_kernel_layout, param_specs, to_kernel_layout
 
-__all__ = ["ACT2FN", "param_path", "FlaxPreTrainedModel", "to_dtype"]
+__all__ = ["ACT2FN", "param_path", "FlaxPreTrainedModel", "to_dtype", "stack_layers", "unstack_layers"]
 
 Params = dict[str, Any]
 M = TypeVar("M", bound="FlaxPreTrainedModel")
@@ -71,6 +71,41 @@ def _flat_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tu
     return out
 
 
+_LAYER = re.compile(r"layer_(\d+)")
+
+
+def stack_layers(params: Params) -> Params:
+    """Canonical tree → ``scan_layers`` tree: each encoder's ``layer_0`` … ``layer_{L-1}`` become one
+    ``layer`` subtree whose leaves carry a leading (L,) axis, in layer order."""
+    if not isinstance(params, Mapping):
+        return params
+    numbered = sorted((int(m.group(1)), k) for k in params if (m := _LAYER.fullmatch(k)))
+    out = {k: stack_layers(v) for k, v in params.items() if not _LAYER.fullmatch(k)}
+    if numbered:
+        if [i for i, _ in numbered] != list(range(len(numbered))):
+            raise ValueError(f"layers are not numbered 0..L-1: {[k for _, k in numbered]}")
+        out["layer"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[k] for _, k in numbered))
+    return out
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """Inverse of :func:`stack_layers` (works on arrays and on ``jax.ShapeDtypeStruct`` leaves)."""
+
+    def take(x: Any, i: int) -> Any:
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x[i]
+
+    def walk(node: Any, key: str = "") -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v, k) for k, v in node.items() if not (key == "encoder" and k == "layer")}
+        if key == "encoder" and "layer" in node:
+            for i in range(num_layers):
+                out[f"layer_{i}"] = jax.tree_util.tree_map(lambda x, i=i: take(x, i), node["layer"])
+        return out
+
+    return walk(params)
+
+
 def init_param(rng: jax.Array, spec: ParamSpec, std: float, dtype: Any) -> jax.Array:
     """HF's init of one row, in Flax layout: trunc-normal(0, std) cut at ±2 (absolute, as torch), zeros, ones."""
     shape = to_kernel_layout(spec.kind, np.empty(spec.shape, np.float32)).shape
@@ -105,14 +140,18 @@ class FlaxPreTrainedModel:
         param_dtype: Any = jnp.float32,
         _do_init: bool = True,
         gradient_checkpointing: bool = False,
+        scan_layers: bool = False,
         **flags: bool,
     ):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
         self._table_flags = flags
+        #: params stacked per layer under ``encoder/layer`` (``nn.scan``); checkpoints stay per layer
+        self.scan_layers = scan_layers
         self.module = self.module_class(config=config, dtype=dtype, param_dtype=param_dtype,
-                                        gradient_checkpointing=gradient_checkpointing, **flags)
+                                        gradient_checkpointing=gradient_checkpointing, scan_layers=scan_layers,
+                                        **flags)
         self.input_shape = input_shape or (1, config.num_channels, *config.image_hw)
         self._params: Params | None = None
         if _do_init:
@@ -136,7 +175,7 @@ class FlaxPreTrainedModel:
     def _check_tree(self, input_shape: tuple[int, ...]) -> None:
         """The module's param tree must be exactly the table's paths with the table's (kernel-layout) shapes."""
         x = jax.ShapeDtypeStruct((input_shape[0], *input_shape[2:], input_shape[1]), jnp.float32)
-        tree = jax.eval_shape(lambda x: self.module.init(jax.random.PRNGKey(0), x), x)["params"]
+        tree = self._table_tree(jax.eval_shape(lambda x: self.module.init(jax.random.PRNGKey(0), x), x)["params"])
         want = {param_path(s): to_kernel_layout(s.kind, np.empty(s.shape, np.int8)).shape for s in self.param_specs()}
         have = {p: tuple(_get(tree, p).shape) for p in _flat_paths(tree)}
         if have != want:
@@ -144,12 +183,25 @@ class FlaxPreTrainedModel:
                                f"only in module {sorted(set(have.items()) - set(want.items()))}, "
                                f"only in table {sorted(set(want.items()) - set(have.items()))}")
 
+    def _module_tree(self, params: Params) -> Params:
+        """Canonical (per-layer) tree → the module's layout."""
+        return stack_layers(params) if self.scan_layers else params
+
+    def _table_tree(self, params: Params) -> Params:
+        """The module's layout → canonical (per-layer) tree, one path per table row."""
+        return unstack_layers(params, self.config.num_hidden_layers) if self.scan_layers else params
+
     def init_weights(self, rng: jax.Array, input_shape: tuple[int, ...], only: set[str] | None = None) -> Params:
-        """Fresh params for every table row (or only the rows named in ``only``), HF's init scheme.
+        """Fresh params for every table row (or only the rows named in ``only``), HF's init scheme,
+        in the module's layout.
 
         ``input_shape`` is NCHW; it is used to check the module's tree against the table.
         """
         self._check_tree(input_shape)
+        return self._module_tree(self._init_table(rng, only))
+
+    def _init_table(self, rng: jax.Array, only: set[str] | None = None) -> Params:
+        """Fresh canonical-tree params for every table row, or only the rows named in ``only``."""
         specs = [s for s in self.param_specs() if only is None or s.name in only]
 
         @jax.jit  # one compilation for the whole tree instead of one per shape
@@ -181,7 +233,7 @@ class FlaxPreTrainedModel:
     def save_pretrained(self, save_directory: str | os.PathLike[str], params: Params | None = None,
                         max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` with canonical names and PyTorch layouts."""
-        params = self.params if params is None else params
+        params = self._table_tree(self.params if params is None else params)
         specs = self.param_specs()
         tensors = {s.name: from_kernel_layout(s.kind, np.asarray(_get(params, param_path(s)))) for s in specs}
         config_dict = saved_config_dict(self.config, type(self).__name__, str(jnp.dtype(_get(params, param_path(specs[0])).dtype)))
@@ -213,10 +265,11 @@ class FlaxPreTrainedModel:
             ignore_mismatched_sizes=ignore_mismatched_sizes,
         )
         fresh = {s.name for s in specs} - set(plan.sources)
-        params = model.init_weights(jax.random.PRNGKey(seed), model.input_shape, only=fresh)
+        model._check_tree(model.input_shape)
+        params = model._init_table(jax.random.PRNGKey(seed), only=fresh)
         for spec in specs:
             if spec.name in plan.sources:
                 array = to_kernel_layout(spec.kind, np.asarray(state[plan.sources[spec.name]]))
                 _set(params, param_path(spec), jnp.asarray(array, dtype=param_dtype))
-        model.params = params
+        model.params = model._module_tree(params)
         return (model, plan.loading_info()) if output_loading_info else model

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_core.checks import check_bool_masked_pos, check_mim_mask_allowed, check_pixel_values, head_mask_layers
 from vit_core.config import ViTConfig
 from vit_core.interpolation import resize_matrix
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
@@ -33,56 +34,55 @@ for _cls in (BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput,
     )
 
 
-def _nchw(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """An NHWC shape as the NCHW shape the user passed (for error messages)."""
-    return (shape[0], shape[3], shape[1], shape[2])
+def _user_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The NCHW shape the user passed, from the NHWC one a module sees (non-4-D shapes pass through
+    the wrappers untransposed), so error messages name what the user wrote."""
+    return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else tuple(shape)
 
 
-class FlaxViTPatchEmbeddings(nn.Module):
-    """(B, H, W, C) → (B, N, D) by a stride-p convolution, patches in row-major order."""
+class _ViTModule(nn.Module):
+    """Fields every block shares, and its dense / conv / norm constructors in the module's dtypes."""
 
     config: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @property
+    def _dtypes(self) -> dict[str, Dtype]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _dense(self, features: int, **kwargs: Any) -> nn.Dense:
+        return nn.Dense(features, **self._dtypes, **kwargs)
+
+    def _layer_norm(self) -> nn.LayerNorm:
+        # use_fast_variance=False: E[(x-μ)²] as torch, not E[x²]-μ² (which loses ~1e-6 in fp32).
+        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, use_fast_variance=False, **self._dtypes)
+
+
+class FlaxViTPatchEmbeddings(_ViTModule):
+    """(B, H, W, C) → (B, N, D) by a stride-p convolution, patches in row-major order."""
 
     def setup(self) -> None:
         p = self.config.patch_size
-        self.projection = nn.Conv(self.config.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        self.projection = nn.Conv(self.config.hidden_size, (p, p), strides=(p, p), padding="VALID", **self._dtypes)
 
     def __call__(self, pixel_values: Array, interpolate_pos_encoding: bool = False) -> Array:
-        cfg = self.config
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {pixel_values.shape}")
-        b, h, w, c = pixel_values.shape
-        if c != cfg.num_channels:
-            raise ValueError(
-                f"pixel_values has {c} channels (shape {_nchw(pixel_values.shape)}), but config.num_channels is "
-                f"{cfg.num_channels}; inputs are NCHW"
-            )
-        if not interpolate_pos_encoding and (h, w) != cfg.image_hw:
-            raise ValueError(
-                f"Input image size ({h}*{w}) doesn't match model ({cfg.image_hw[0]}*{cfg.image_hw[1]}); "
-                "pass interpolate_pos_encoding=True to run at another resolution"
-            )
+        check_pixel_values(_user_shape(pixel_values.shape), self.config, interpolate_pos_encoding)
         x = self.projection(pixel_values)
-        return x.reshape(b, -1, x.shape[-1])
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-class FlaxViTEmbeddings(nn.Module):
+class FlaxViTEmbeddings(_ViTModule):
     """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
 
-    config: ViTConfig
     use_mask_token: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         d, pd = self.config.hidden_size, self.param_dtype
         self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, d), pd)
         self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, d), pd) if self.use_mask_token \
             else None
-        self.patch_embeddings = FlaxViTPatchEmbeddings(self.config, dtype=self.dtype, param_dtype=pd)
+        self.patch_embeddings = FlaxViTPatchEmbeddings(self.config, **self._dtypes)
         self.position_embeddings = self.param("position_embeddings", nn.initializers.zeros,
                                               (1, self.config.num_patches + 1, d), pd)
         self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
@@ -104,16 +104,10 @@ class FlaxViTEmbeddings(nn.Module):
 
     def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None,
                  interpolate_pos_encoding: bool = False, deterministic: bool = True) -> Array:
-        b, h, w, _ = pixel_values.shape
         embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        b, h, w, _ = pixel_values.shape  # validated by the patch embedding
         if bool_masked_pos is not None:
-            if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
-            if tuple(bool_masked_pos.shape) != tuple(embeddings.shape[:2]):
-                raise ValueError(
-                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, "
-                    f"got {tuple(bool_masked_pos.shape)}"
-                )
+            check_bool_masked_pos(bool_masked_pos.shape, b, embeddings.shape[1], self.use_mask_token)
             mask = bool_masked_pos[..., None].astype(embeddings.dtype)
             embeddings = embeddings * (1.0 - mask) + self.mask_token.astype(embeddings.dtype) * mask
         cls = jnp.broadcast_to(self.cls_token.astype(embeddings.dtype), (b, 1, embeddings.shape[-1]))
@@ -125,20 +119,14 @@ class FlaxViTEmbeddings(nn.Module):
         return self.dropout(embeddings, deterministic=deterministic)
 
 
-class FlaxViTSelfAttention(nn.Module):
+class FlaxViTSelfAttention(_ViTModule):
     """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None."""
-
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         cfg = self.config
         self.num_attention_heads, self.attention_head_size = cfg.num_attention_heads, cfg.head_dim
         self.scaling = self.attention_head_size**-0.5
-        dense = lambda: nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype,  # noqa: E731
-                                 param_dtype=self.param_dtype)
-        self.query, self.key, self.value = dense(), dense(), dense()
+        self.query, self.key, self.value = (self._dense(cfg.hidden_size, use_bias=cfg.qkv_bias) for _ in range(3))
         self.dropout_prob = cfg.attention_probs_dropout_prob
 
     def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
@@ -162,29 +150,21 @@ class FlaxViTSelfAttention(nn.Module):
         return context.reshape(b, s, -1), probs
 
 
-class FlaxViTSelfOutput(nn.Module):
+class FlaxViTSelfOutput(_ViTModule):
     """Attention output projection; the residual is added in :class:`FlaxViTLayer`."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     def setup(self) -> None:
-        self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dense = self._dense(self.config.hidden_size)
         self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
 
     def __call__(self, hidden_states: Array, deterministic: bool = True) -> Array:
         return self.dropout(self.dense(hidden_states), deterministic=deterministic)
 
 
-class FlaxViTAttention(nn.Module):
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class FlaxViTAttention(_ViTModule):
     def setup(self) -> None:
-        self.attention = FlaxViTSelfAttention(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.output = FlaxViTSelfOutput(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.attention = FlaxViTSelfAttention(self.config, **self._dtypes)
+        self.output = FlaxViTSelfOutput(self.config, **self._dtypes)
 
     def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
                  output_attentions: bool = False) -> tuple[Array, Array | None]:
@@ -192,55 +172,33 @@ class FlaxViTAttention(nn.Module):
         return self.output(context, deterministic), probs
 
 
-class FlaxViTIntermediate(nn.Module):
+class FlaxViTIntermediate(_ViTModule):
     """(B, S, D) → (B, S, intermediate_size), then the activation."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     def setup(self) -> None:
-        self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dense = self._dense(self.config.intermediate_size)
         self.intermediate_act_fn = ACT2FN[self.config.hidden_act]
 
     def __call__(self, hidden_states: Array) -> Array:
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class FlaxViTOutput(nn.Module):
+class FlaxViTOutput(FlaxViTSelfOutput):
     """(B, S, intermediate_size) → (B, S, D), plus the residual ``input_tensor``."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self) -> None:
-        self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
-
-    def __call__(self, hidden_states: Array, input_tensor: Array, deterministic: bool = True) -> Array:
-        return self.dropout(self.dense(hidden_states), deterministic=deterministic) + input_tensor
+    def __call__(self, hidden_states: Array, input_tensor: Array, deterministic: bool = True) -> Array:  # type: ignore[override]
+        return super().__call__(hidden_states, deterministic) + input_tensor
 
 
-def _layer_norm(config: ViTConfig, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # use_fast_variance=False: E[(x-μ)²] as torch, not E[x²]-μ² (which loses ~1e-6 in fp32).
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype)
-
-
-class FlaxViTLayer(nn.Module):
+class FlaxViTLayer(_ViTModule):
     """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attention = FlaxViTAttention(self.config, **kw)
-        self.intermediate = FlaxViTIntermediate(self.config, **kw)
-        self.output = FlaxViTOutput(self.config, **kw)
-        self.layernorm_before = _layer_norm(self.config, **kw)
-        self.layernorm_after = _layer_norm(self.config, **kw)
+        self.attention = FlaxViTAttention(self.config, **self._dtypes)
+        self.intermediate = FlaxViTIntermediate(self.config, **self._dtypes)
+        self.output = FlaxViTOutput(self.config, **self._dtypes)
+        self.layernorm_before = self._layer_norm()
+        self.layernorm_after = self._layer_norm()
 
     def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
                  output_attentions: bool = False) -> tuple[Array, Array | None]:
@@ -251,25 +209,53 @@ class FlaxViTLayer(nn.Module):
         return layer_output, probs
 
 
-class FlaxViTEncoder(nn.Module):
-    """``num_hidden_layers`` blocks named ``layer_0``...; optionally rematerialised in the backward pass."""
+class _ScanStep(FlaxViTLayer):
+    """One :class:`FlaxViTLayer` as an ``nn.scan`` body: carry = hidden states, scanned input = that layer's
+    head mask; emits (hidden states or None, probs or None) per layer. Call flags are fields (scan needs arrays)."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+
+    def __call__(self, hidden_states: Array, head_mask: Array | None) -> tuple[Array, tuple]:  # type: ignore[override]
+        out, probs = super().__call__(hidden_states, head_mask, self.deterministic, self.output_attentions)
+        return out, (out if self.output_hidden_states else None, probs)
+
+
+class FlaxViTEncoder(_ViTModule):
+    """``num_hidden_layers`` blocks named ``layer_0``...; optionally rematerialised in the backward pass.
+
+    With ``scan_layers`` the blocks are one ``nn.scan`` named ``layer`` whose params carry a leading
+    (num_hidden_layers,) axis: one compiled block instead of L (faster compiles at depth); the
+    wrappers stack / unstack ``layer_i`` so checkpoints are unchanged.
+    """
+
     gradient_checkpointing: bool = False
+    scan_layers: bool = False
 
-    def setup(self) -> None:
-        # static_argnums count self as 0: deterministic (3) and output_attentions (4) are Python bools.
-        layer_cls = nn.remat(FlaxViTLayer, static_argnums=(3, 4)) if self.gradient_checkpointing else FlaxViTLayer
-        self.layer = [layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-                      for _ in range(self.config.num_hidden_layers)]
-
+    @nn.compact
     def __call__(self, hidden_states: Array, head_mask: Array | None = None, deterministic: bool = True,
                  output_attentions: bool = False, output_hidden_states: bool = False) -> BaseModelOutput:
+        cfg = self.config
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn: tuple[Array, ...] | None = () if output_attentions else None
-        for i, layer in enumerate(self.layer):
+        if self.scan_layers:
+            step = nn.remat(_ScanStep, prevent_cse=False) if self.gradient_checkpointing else _ScanStep
+            scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=0, length=cfg.num_hidden_layers)
+            hidden_states, (hs, probs) = scanned(cfg, **self._dtypes, deterministic=deterministic,
+                                                 output_attentions=output_attentions,
+                                                 output_hidden_states=output_hidden_states,
+                                                 name="layer")(hidden_states, head_mask)
+            if all_hidden is not None:
+                all_hidden += tuple(hs)
+            if all_attn is not None:
+                all_attn += tuple(probs)
+            return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
+        # static_argnums count self as 0: deterministic (3) and output_attentions (4) are Python bools.
+        layer_cls = nn.remat(FlaxViTLayer, static_argnums=(3, 4)) if self.gradient_checkpointing else FlaxViTLayer
+        for i in range(cfg.num_hidden_layers):
+            layer = layer_cls(cfg, **self._dtypes, name=f"layer_{i}")
             layer_mask = None if head_mask is None else head_mask[i]
             hidden_states, probs = layer(hidden_states, layer_mask, deterministic, output_attentions)
             if all_hidden is not None:
@@ -279,51 +265,39 @@ class FlaxViTEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
 
 
-class FlaxViTPooler(nn.Module):
+class FlaxViTPooler(_ViTModule):
     """Class token → dense → activation: (B, S, D) → (B, pooler_output_size)."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     def setup(self) -> None:
-        self.dense = nn.Dense(self.config.pooler_output_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dense = self._dense(self.config.pooler_output_size)
         self.activation = ACT2FN[self.config.pooler_act]
 
     def __call__(self, hidden_states: Array) -> Array:
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
-class FlaxViTModule(nn.Module):
+class FlaxViTModule(_ViTModule):
     """The bare encoder on NHWC pixels. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     add_pooling_layer: bool = True
     use_mask_token: bool = False
     gradient_checkpointing: bool = False
+    scan_layers: bool = False
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embeddings = FlaxViTEmbeddings(self.config, use_mask_token=self.use_mask_token, **kw)
-        self.encoder = FlaxViTEncoder(self.config, gradient_checkpointing=self.gradient_checkpointing, **kw)
-        self.layernorm = _layer_norm(self.config, **kw)
-        self.pooler = FlaxViTPooler(self.config, **kw) if self.add_pooling_layer else None
+        self.embeddings = FlaxViTEmbeddings(self.config, use_mask_token=self.use_mask_token, **self._dtypes)
+        self.encoder = FlaxViTEncoder(self.config, gradient_checkpointing=self.gradient_checkpointing,
+                                      scan_layers=self.scan_layers, **self._dtypes)
+        self.layernorm = self._layer_norm()
+        self.pooler = FlaxViTPooler(self.config, **self._dtypes) if self.add_pooling_layer else None
 
     def _head_mask(self, head_mask: Array | None) -> Array | None:
         """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1)."""
         if head_mask is None:
             return None
-        c = self.config
         head_mask = jnp.asarray(head_mask)
-        if head_mask.shape == (c.num_attention_heads,):
-            head_mask = jnp.broadcast_to(head_mask, (c.num_hidden_layers, c.num_attention_heads))
-        if head_mask.shape != (c.num_hidden_layers, c.num_attention_heads):
-            raise ValueError(
-                f"head_mask must have shape (num_heads,) = ({c.num_attention_heads},) or (num_layers, num_heads) = "
-                f"({c.num_hidden_layers}, {c.num_attention_heads}), got {tuple(head_mask.shape)}"
-            )
+        if not head_mask_layers(head_mask.shape, self.config):
+            head_mask = jnp.broadcast_to(head_mask, (self.config.num_hidden_layers, *head_mask.shape))
         return head_mask[:, None, :, None, None].astype(self.dtype)
 
     def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None, head_mask: Array | None = None,
@@ -357,19 +331,25 @@ def classification_loss(config: ViTConfig, logits: Array, labels: Array) -> Arra
     return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
 
-class FlaxViTForImageClassificationModule(nn.Module):
+class _HeadModule(_ViTModule):
+    """A head over ``vit`` (a :class:`FlaxViTModule` without pooler): the fields and flags they share."""
+
+    gradient_checkpointing: bool = False
+    scan_layers: bool = False
+
+    def _vit(self, use_mask_token: bool = False) -> FlaxViTModule:
+        return FlaxViTModule(self.config, add_pooling_layer=False, use_mask_token=use_mask_token,
+                             gradient_checkpointing=self.gradient_checkpointing, scan_layers=self.scan_layers,
+                             **self._dtypes)
+
+
+class FlaxViTForImageClassificationModule(_HeadModule):
     """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
-
     def setup(self) -> None:
-        self.vit = FlaxViTModule(self.config, dtype=self.dtype, param_dtype=self.param_dtype, add_pooling_layer=False,
-                                 gradient_checkpointing=self.gradient_checkpointing)
+        self.vit = self._vit()
         n = self.config.num_labels
-        self.classifier = nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype) if n else (lambda x: x)
+        self.classifier = self._dense(n) if n else (lambda x: x)
 
     def __call__(self, pixel_values: Array, head_mask: Array | None = None, labels: Array | None = None,
                  deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
@@ -395,20 +375,14 @@ class FlaxPixelShuffle(nn.Module):
         return x.reshape(b, c // (s * s), h * s, w * s)
 
 
-class FlaxViTForMaskedImageModelingModule(nn.Module):
+class FlaxViTForMaskedImageModelingModule(_HeadModule):
     """SimMIM: encoder with mask tokens, 1×1 conv to stride²·C channels, pixel shuffle → (B, C, H, W)."""
-
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
 
     def setup(self) -> None:
         cfg = self.config
-        self.vit = FlaxViTModule(cfg, dtype=self.dtype, param_dtype=self.param_dtype, add_pooling_layer=False,
-                                 use_mask_token=True, gradient_checkpointing=self.gradient_checkpointing)
+        self.vit = self._vit(use_mask_token=True)
         self.decoder = [  # names decoder_0 (the conv), decoder_1 (no params), as torch's Sequential
-            nn.Conv(cfg.encoder_stride**2 * cfg.num_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype),
+            nn.Conv(cfg.encoder_stride**2 * cfg.num_channels, (1, 1), **self._dtypes),
             FlaxPixelShuffle(cfg.encoder_stride),
         ]
 
@@ -416,19 +390,14 @@ class FlaxViTForMaskedImageModelingModule(nn.Module):
                  deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
                  interpolate_pos_encoding: bool = False) -> MaskedImageModelingOutput:
         cfg = self.config
-        if bool_masked_pos is not None and cfg.patch_size != cfg.encoder_stride:
-            raise ValueError(
-                "When `bool_masked_pos` is provided, `patch_size` must be equal to `encoder_stride` so that the "
-                f"reconstruction has the input's size. Got patch_size={cfg.patch_size}, "
-                f"encoder_stride={cfg.encoder_stride}."
-            )
+        if bool_masked_pos is not None:
+            check_mim_mask_allowed(cfg)
         outputs = self.vit(pixel_values, bool_masked_pos=bool_masked_pos, head_mask=head_mask,
                            deterministic=deterministic, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding)
         b, h, w, c = pixel_values.shape
         gh, gw = h // cfg.patch_size, w // cfg.patch_size
-        grid = outputs.last_hidden_state[:, 1:].reshape(b, gh, gw, -1)  # (B, gh, gw, D)
-        reconstruction = grid
+        reconstruction = outputs.last_hidden_state[:, 1:].reshape(b, gh, gw, -1)  # (B, gh, gw, D)
         for layer in self.decoder:
             reconstruction = layer(reconstruction)  # → (B, C, H, W)
         loss = None
@@ -445,72 +414,70 @@ class FlaxViTForMaskedImageModelingModule(nn.Module):
 
 # ---------------------------------------------------------------------------------------- wrappers
 class FlaxViTPreTrainedModel(FlaxPreTrainedModel):
-    """Shared wrapper ``__call__``: NCHW in, flags resolved from the config, pure in ``params``."""
+    """The one wrapper ``__call__``: NCHW in, flags resolved from the config, pure in ``params``.
 
-    def _apply(self, pixel_values: Any, params: Params | None, dropout_rng: jax.Array | None, train: bool,
-               return_dict: bool | None, **kwargs: Any) -> Any:
+    Positional order is HF 4.x's (``pixel_values, params, dropout_rng, train, output_attentions,
+    output_hidden_states, return_dict``); the model's other inputs (``input_names``) and
+    ``interpolate_pos_encoding`` are keywords. Inputs are validated by the modules (at trace time,
+    so also under ``jax.jit``) with :mod:`vit_core.checks`, in the words every framework uses.
+    """
+
+    #: keyword inputs besides ``pixel_values`` that this model's module takes
+    input_names: tuple[str, ...] = ()
+
+    def __call__(self, pixel_values: Any = None, params: Params | None = None, dropout_rng: jax.Array | None = None,
+                 train: bool = False, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                 return_dict: bool | None = None, *, interpolate_pos_encoding: bool | None = None,
+                 **inputs: Any) -> Any:
+        unknown = sorted(set(inputs) - set(self.input_names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__ got unexpected keyword arguments {unknown}")
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         pixel_values = jnp.asarray(pixel_values)
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {pixel_values.shape}")
+        if pixel_values.ndim == 4:  # NCHW → NHWC; other ranks go on as they are, for the module's check to name
+            pixel_values = jnp.transpose(pixel_values, (0, 2, 3, 1))
         c = self.config
-        for flag in ("output_attentions", "output_hidden_states"):
-            kwargs[flag] = getattr(c, flag) if kwargs[flag] is None else bool(kwargs[flag])
-        kwargs["interpolate_pos_encoding"] = bool(kwargs["interpolate_pos_encoding"])
+        flags = dict(
+            output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
+            output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            interpolate_pos_encoding=bool(interpolate_pos_encoding),
+        )
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-        out = self.module.apply({"params": self.params if params is None else params},
-                                jnp.transpose(pixel_values, (0, 2, 3, 1)), deterministic=not train, rngs=rngs, **kwargs)
+        out = self.module.apply({"params": self.params if params is None else params}, pixel_values,
+                                deterministic=not train, rngs=rngs, **flags, **inputs)
         return out if (c.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
 
 class FlaxViTModel(FlaxViTPreTrainedModel):
-    """The bare encoder; ``add_pooling_layer`` / ``use_mask_token`` as in :class:`vit_torch.ViTModel`."""
+    """The bare encoder; ``add_pooling_layer`` / ``use_mask_token`` as in :class:`vit_torch.ViTModel`.
+
+    Inputs: ``pixel_values`` (B, C, H, W); keywords ``bool_masked_pos`` (B, N), ``head_mask``.
+    """
 
     module_class = FlaxViTModule
+    input_names = ("bool_masked_pos", "head_mask")
 
     def __init__(self, config: ViTConfig, input_shape: tuple[int, ...] | None = None, seed: int = 0,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, _do_init: bool = True,
-                 add_pooling_layer: bool = True, use_mask_token: bool = False, gradient_checkpointing: bool = False):
+                 add_pooling_layer: bool = True, use_mask_token: bool = False, gradient_checkpointing: bool = False,
+                 scan_layers: bool = False):
         super().__init__(config, input_shape, seed, dtype, param_dtype, _do_init, gradient_checkpointing,
-                         add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-
-    def __call__(self, pixel_values: Any = None, params: Params | None = None,
-                 dropout_rng: jax.Array | None = None, train: bool = False, bool_masked_pos: Any = None,
-                 head_mask: Any = None,
-                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                 interpolate_pos_encoding: bool | None = None, return_dict: bool | None = None) -> Any:
-        return self._apply(pixel_values, params, dropout_rng, train, return_dict, bool_masked_pos=bool_masked_pos,
-                           head_mask=head_mask, output_attentions=output_attentions,
-                           output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding)
+                         scan_layers, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
 
 
 class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
-    """Classifier on the class token: ``logits`` (B, num_labels); ``loss`` when ``labels`` are given."""
+    """Classifier on the class token: ``logits`` (B, num_labels); ``loss`` when ``labels`` are given.
+
+    Inputs: ``pixel_values`` (B, C, H, W); keywords ``head_mask``, ``labels`` (B,) or (B, num_labels).
+    """
 
     module_class = FlaxViTForImageClassificationModule
-
-    def __call__(self, pixel_values: Any = None, params: Params | None = None,
-                 dropout_rng: jax.Array | None = None, train: bool = False, head_mask: Any = None,
-                 labels: Any = None,
-                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                 interpolate_pos_encoding: bool | None = None, return_dict: bool | None = None) -> Any:
-        return self._apply(pixel_values, params, dropout_rng, train, return_dict, head_mask=head_mask, labels=labels,
-                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                           interpolate_pos_encoding=interpolate_pos_encoding)
+    input_names = ("head_mask", "labels")
 
 
 class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
     """SimMIM: ``reconstruction`` (B, C, H, W); masked L1 ``loss`` when ``bool_masked_pos`` (B, N) is given."""
 
     module_class = FlaxViTForMaskedImageModelingModule
-
-    def __call__(self, pixel_values: Any = None, params: Params | None = None,
-                 dropout_rng: jax.Array | None = None, train: bool = False, bool_masked_pos: Any = None,
-                 head_mask: Any = None,
-                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                 interpolate_pos_encoding: bool | None = None, return_dict: bool | None = None) -> Any:
-        return self._apply(pixel_values, params, dropout_rng, train, return_dict, bool_masked_pos=bool_masked_pos,
-                           head_mask=head_mask, output_attentions=output_attentions,
-                           output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding)
-
+    input_names = ("bool_masked_pos", "head_mask")

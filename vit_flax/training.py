@@ -2,7 +2,10 @@
 
 With a ``mesh``, params and optimizer state are replicated and the batch is sharded along the
 mesh's first axis (``NamedSharding``); XLA inserts the gradient all-reduce, so the step gives
-the single-device numbers.
+the single-device numbers. The same code is meant for several hosts (a TPU pod slice, after
+``jax.distributed.initialize()``): :func:`shard_batch` then takes each process's own part of the
+batch, and :func:`replicate` places the (identical on every host) params; that multi-host case is
+not exercised by trivit's tests, which fake 8 CPU devices in one process.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .modeling_flax_utils import Params
 
-__all__ = ["make_train_step", "shard_batch"]
+__all__ = ["make_train_step", "shard_batch", "replicate"]
 
 Batch = dict[str, jax.Array]
 TrainStep = Callable[[Params, Any, Batch], tuple[Params, Any, jax.Array]]
@@ -41,6 +45,16 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh | N
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
-    """Place each batch entry split along its leading axis over the mesh's first axis."""
+    """Global arrays split along their leading axis over the mesh's first axis.
+
+    ``batch`` is this process's part of the global batch (with one process: all of it); each
+    process's part is spread over its own devices, and the global leading size is the sum.
+    """
     sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A full copy of ``tree`` (params, optimizer state) on every device of ``mesh``; every process
+    must pass the same values."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
