@@ -35,7 +35,7 @@ from vit_core.weights import Init, Kind, ParamSpec, to_kernel_layout  # noqa: E4
 # XLA's default fp32 matmul precision may use fewer passes on accelerators; parity needs full fp32.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-ATOL = 1e-5
+from settings import ATOL  # noqa: E402  (fp32, per device)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
             patch_size=8, encoder_stride=8, num_labels=3)
 PT, FX = TorchAdapter(), FlaxAdapter()

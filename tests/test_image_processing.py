@@ -16,7 +16,7 @@ from sklearn.datasets import load_sample_image
 from vit_core import image_processing
 from vit_core.image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor
 
-ATOL = 1e-5
+from tolerances import PROCESSOR_ATOL as ATOL  # noqa: E402
 
 
 @pytest.fixture(scope="module")

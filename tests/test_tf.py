@@ -21,11 +21,11 @@ import vit_torch  # noqa: E402
 from conftest import assert_outputs_close  # noqa: E402
 from frameworks import TorchAdapter  # noqa: E402
 from frameworks_tf import TFAdapter  # noqa: E402
-from tolerances import GRAD_RTOL  # noqa: E402
+from tolerances import GRAD_RTOL, TFLITE_ATOL  # noqa: E402
 from vit_core.config import SUPPORTED_ACTIVATIONS, ViTConfig  # noqa: E402
 from vit_core.weights import param_specs  # noqa: E402
 
-ATOL = 1e-5  # fp32, CPU on both sides
+from settings import ATOL  # noqa: E402  (fp32, per device)
 CLASSES = ("ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling")
 PT, TF = TorchAdapter(), TFAdapter()
 
@@ -283,8 +283,8 @@ def test_export_saved_model_and_tflite(tmp_path):
     reloaded = tf.saved_model.load(str(tmp_path / "sm"))
     signature = reloaded.signatures["serving_default"]
     assert signature.structured_input_signature[1]["pixel_values"].shape.as_list() == [None, 3, 32, 32]
-    np.testing.assert_allclose(reloaded.serve(x)["logits"].numpy(), expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(signature(pixel_values=tf.constant(x))["logits"].numpy(), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(reloaded.serve(x)["logits"].numpy(), expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(signature(pixel_values=tf.constant(x))["logits"].numpy(), expected, atol=ATOL, rtol=0)
 
     model.export(str(tmp_path / "m.tflite"), format="litert")  # tf.lite.TFLiteConverter.from_saved_model inside
     with pytest.warns(UserWarning, match="deprecated"):  # tf.lite.Interpreter points to ai_edge_litert
@@ -296,14 +296,14 @@ def test_export_saved_model_and_tflite(tmp_path):
     interpreter.set_tensor(inp["index"], x)
     interpreter.invoke()
     got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=TFLITE_ATOL, rtol=0)
     # the bare model exports its two outputs
     base = vit_tf.TFViTModel(tiny_config())
     base.export(str(tmp_path / "base"))
     reloaded = tf.saved_model.load(str(tmp_path / "base"))  # keep a reference: it owns the variables
     out = reloaded.serve(x)
     assert sorted(out) == ["last_hidden_state", "pooler_output"]
-    np.testing.assert_allclose(out["pooler_output"].numpy(), base(x).pooler_output.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["pooler_output"].numpy(), base(x).pooler_output.numpy(), atol=ATOL, rtol=0)
 
 
 def test_mixed_bfloat16_builds_fits_and_round_trips(tmp_path):

@@ -18,6 +18,8 @@ FP32_ATOL = {"cpu": 1e-5, "cuda": 1e-5}
 SCALE_BY_MAGNITUDE_FOR_FULL_SIZE = True
 #: Image processors: numpy float32 arithmetic on both sides, same PIL resize.
 PROCESSOR_ATOL = 1e-5
+#: TFLite's interpreter uses its own CPU kernels (XNNPACK); the issue's bound for the converted classifier.
+TFLITE_ATOL = 1e-4
 #: Gradients d(loss)/d(pixel_values) across frameworks, relative to the largest entry.
 GRAD_RTOL = 1e-4
 #: bf16 round trips are exact (bf16 -> fp32 widening); bf16 *compute* is not compared across frameworks.
