@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import tensorflow as tf
 import numpy as np
 from keras import ops
 
@@ -50,12 +51,27 @@ class TFViTLayerNorm(keras.layers.LayerNormalization):
     ``x·inv + (β - mean·inv)`` cancels badly when |mean| ≫ std (1e-5 errors at ViT-B/16 scale)."""
 
     def call(self, inputs: Tensor) -> Tensor:
-        x = ops.cast(inputs, "float32")
-        mean = ops.mean(x, axis=-1, keepdims=True)
-        centered = x - mean
-        variance = ops.mean(ops.square(centered), axis=-1, keepdims=True)
-        out = centered * ops.rsqrt(variance + self.epsilon) * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
+        y = _normalize(ops.cast(inputs, "float32"), self.epsilon)
+        out = y * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
         return ops.cast(out, self.compute_dtype)
+
+
+def _normalize(x: Tensor, eps: float) -> Tensor:
+    """(x - μ)·rsqrt(E[(x - μ)²] + ε) over the last axis, with a hand-written gradient
+    inv·(g - mean(g) - y·mean(g·y)): one fused pass instead of autodiff's chain through two means."""
+
+    @tf.custom_gradient
+    def normalize(x: Tensor) -> tuple[Tensor, Any]:
+        centered = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+        inv = tf.math.rsqrt(tf.reduce_mean(centered * centered, axis=-1, keepdims=True) + eps)
+        y = centered * inv
+
+        def grad(g: Tensor) -> Tensor:
+            return inv * (g - tf.reduce_mean(g, axis=-1, keepdims=True) - y * tf.reduce_mean(g * y, axis=-1, keepdims=True))
+
+        return y, grad
+
+    return normalize(x)
 
 
 def _layer_norm(config: ViTConfig, name: str) -> TFViTLayerNorm:
