@@ -39,18 +39,20 @@ from vit_core.cli import main
 from vit_core.config import ViTConfig
 from vit_core.safetensors_io import CheckpointError
 
+from conftest import MAX_DIFFS
+from frameworks import ADAPTERS
+from settings import ATOL
+
 D, DEPTH, HEADS, MLP, P, IMG, C = 32, 2, 4, 48, 8, 32, 3
 N = (IMG // P) ** 2
 TINY = dict(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=MLP,
             image_size=IMG, patch_size=P, encoder_stride=P)
-ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
 
 
 def _record(group: str, a, b) -> float:
+    """Max abs difference of two arrays, also kept for the end-of-run summary (conftest)."""
     diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    MAX_DIFF[group] = max(MAX_DIFF.get(group, 0.0), diff)
-    print(f"{group}: max abs diff {diff:.3g}")
+    MAX_DIFFS[group] = max(MAX_DIFFS.get(group, 0.0), diff)
     return diff
 
 
@@ -59,37 +61,21 @@ def pixels() -> np.ndarray:
     return np.random.default_rng(1).standard_normal((2, C, IMG, IMG)).astype(np.float32)
 
 
-def _pt_out(folder, cls: str, pixels: np.ndarray, field: str, **flags) -> np.ndarray:
-    model = getattr(vit_torch, cls).from_pretrained(folder, **flags).eval()
-    with torch.no_grad():
-        return getattr(model(torch.from_numpy(pixels)), field).numpy()
-
-
 FRAMEWORKS = ("pt", "tf", "flax")
 
 
 def _load(fw: str, folder, cls: str, **flags):
-    """``{vit_torch,vit_tf,vit_flax}.<cls>.from_pretrained(folder)`` (TF and JAX imported on first use)."""
-    if fw == "pt":
-        return getattr(vit_torch, cls).from_pretrained(folder, **flags).eval()
-    if fw == "tf":
-        import vit_tf
-
-        return getattr(vit_tf, "TF" + cls).from_pretrained(folder, **flags)
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    import vit_flax
-
-    return getattr(vit_flax, "Flax" + cls).from_pretrained(folder, **flags)
+    """``{vit_torch,vit_tf,vit_flax}.<cls>.from_pretrained(folder)`` through the suite's adapters."""
+    return ADAPTERS[fw]().load(cls, folder, **flags)
 
 
 def _fw_out(fw: str, folder, cls: str, pixels: np.ndarray, field: str, **flags) -> np.ndarray:
-    if fw == "pt":
-        return _pt_out(folder, cls, pixels, field, **flags)
-    model = _load(fw, folder, cls, **flags)
-    out = model(pixels, training=False) if fw == "tf" else model(pixels)
-    return np.asarray(getattr(out, field))
+    adapter = ADAPTERS[fw]()
+    return adapter.run(adapter.load(cls, folder, **flags), {"pixel_values": pixels})[field]
+
+
+def _pt_out(folder, cls: str, pixels: np.ndarray, field: str, **flags) -> np.ndarray:
+    return _fw_out("pt", folder, cls, pixels, field, **flags)
 
 
 # ------------------------------------------------------------------------------------ timm
@@ -264,6 +250,26 @@ def test_npz_matches_reference(tmp_path, pixels, big_vision, exact_gelu):
     got = _pt_out(tmp_path / "hf", "ViTForImageClassification", pixels, "logits")
     want = jax_reference(params, pixels, big_vision, exact_gelu)
     assert _record("npz/big_vision vs reference", got, want) <= ATOL
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("source", ["timm", "npz"])
+def test_from_pretrained_reads_single_foreign_files(tmp_path, pixels, fw, source):
+    """Every framework's from_pretrained takes a timm or .npz file directly: config derived from
+    the tensors, weights converted lazily; same logits as the independent reference forward."""
+    if source == "timm":
+        sd = timm_state()
+        src = tmp_path / "vit.safetensors"
+        safetensors.torch.save_file(sd, src)
+        with torch.no_grad():
+            want = timm_reference(sd, torch.from_numpy(pixels), HEADS).numpy()
+    else:
+        params = jax_params(0, big_vision=False)
+        src = tmp_path / "vit.npz"
+        np.savez(src, **params)
+        want = jax_reference(params, pixels, big_vision=False)
+    got = _fw_out(fw, src, "ViTForImageClassification", pixels, "logits", num_heads=HEADS)
+    assert _record(f"{source} file via {fw}.from_pretrained vs reference", got, want) <= ATOL
 
 
 def test_big_vision_scanned_blocks(tmp_path, pixels):
@@ -465,7 +471,7 @@ def test_cli_convert_detect_and_verify(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and "as hf checkpoint" in captured.out and "converting:" in captured.err
     worst = float(captured.out.rsplit("max abs difference", 1)[1].split()[0])
-    MAX_DIFF["cli --verify (pt)"] = worst
+    MAX_DIFFS["cli --verify (pt)"] = worst
     assert worst <= ATOL
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "fx")]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
@@ -496,12 +502,6 @@ def test_failed_conversion_leaves_no_destination(tmp_path, monkeypatch):
             convert_to(conv, tmp_path / f"out-{fmt}", fmt)
         assert not (tmp_path / f"out-{fmt}").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.pth"]  # no staging folders left
-
-
-def test_max_differences_summary():
-    """Prints the worst difference per comparison (run with -s to see them)."""
-    for group, diff in sorted(MAX_DIFF.items()):
-        print(f"{group}: {diff:.3g}")
 
 
 # ------------------------------------------------------------------------------- streaming

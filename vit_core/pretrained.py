@@ -10,12 +10,12 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointState, read_checkpoint
-from .config import ViTConfig
+from .checkpoint import read_checkpoint
+from .config import CONFIG_NAME, ViTConfig
 from .weights import LoadPlan, ParamSpec, plan_load
 
 __all__ = ["resolve_pretrained_args", "match_checkpoint", "saved_config_dict"]
@@ -24,14 +24,24 @@ __all__ = ["resolve_pretrained_args", "match_checkpoint", "saved_config_dict"]
 IGNORED_HUB_KWARGS = frozenset({"local_files_only", "cache_dir", "revision", "use_safetensors", "low_cpu_mem_usage"})
 
 
+def _is_foreign_file(path: Path) -> bool:
+    """A single timm / .npz weight file (no HF ``config.json`` beside it to describe it)."""
+    return path.is_file() and not (path.parent / CONFIG_NAME).is_file()
+
+
 def resolve_pretrained_args(
     model_cls: type,
     path: str | os.PathLike[str],
     config: ViTConfig | None,
     kwargs: dict[str, Any],
     config_class: type[ViTConfig] = ViTConfig,
-) -> tuple[Path, ViTConfig, dict[str, Any]]:
-    """Split ``from_pretrained`` keywords and build the config.
+) -> tuple[Path, ViTConfig, dict[str, Any], Mapping[str, Any] | None]:
+    """Split ``from_pretrained`` keywords, build the config, and open a foreign checkpoint.
+
+    ``path`` is an HF folder (or a weight file inside one), or a single timm / google-research
+    ``.npz`` / big_vision file: its config is then derived from the tensors by :mod:`conversion`
+    (``num_heads=`` / ``exact_gelu=`` keywords go to that reader) and its lazily converted state is
+    returned as the fourth item (``None`` for HF checkpoints, which :func:`match_checkpoint` opens).
 
     Keywords naming constructor parameters (``add_pooling_layer``) are returned for the
     constructor; those naming config fields (``num_labels``, ``attn_implementation``) override the
@@ -41,6 +51,15 @@ def resolve_pretrained_args(
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (trivit never downloads; pass a local folder)")
     kwargs = {k: v for k, v in kwargs.items() if k not in IGNORED_HUB_KWARGS}
+    state = None
+    if _is_foreign_file(path):
+        from conversion import read_source  # lazy: the core imports no converter at import time
+
+        options = {k: kwargs.pop(k) for k in ("num_heads", "exact_gelu") if k in kwargs}
+        _, converted = read_source(path, **options)
+        state = converted.state
+        if config is None:
+            config = converted.config
     init_params = {
         name
         for name, p in inspect.signature(model_cls.__init__).parameters.items()
@@ -54,7 +73,7 @@ def resolve_pretrained_args(
         config = config_class.from_pretrained(path, **kwargs)
     elif kwargs:
         config = config.copy(**kwargs)
-    return path, config, init_kwargs
+    return path, config, init_kwargs, state
 
 
 def match_checkpoint(
@@ -62,16 +81,20 @@ def match_checkpoint(
     path: Path,
     *,
     owner: str,
+    state: Mapping[str, Any] | None = None,
     ignore_mismatched_sizes: bool = False,
     warn: Callable[[str], None] | None = None,
-) -> tuple[CheckpointState, LoadPlan]:
-    """Open the checkpoint at ``path`` and match it with a model's table (see :func:`plan_load`).
+) -> tuple[Mapping[str, Any], LoadPlan]:
+    """Match the checkpoint at ``path`` (``state`` if already opened) with a model's table (see
+    :func:`plan_load`); returns the lazy ``{name: array}`` state and the plan.
 
     Optional parts that are missing, extra or re-initialised are reported with a warning that
     names ``owner`` (e.g. ``"TFViTModel.from_pretrained('dir')"``).
     """
-    state = read_checkpoint(path)
-    plan = plan_load(specs, state.shapes(), source=str(state.source), ignore_mismatched_sizes=ignore_mismatched_sizes)
+    if state is None:
+        state = read_checkpoint(path)
+        path = state.source
+    plan = plan_load(specs, state.shapes(), source=str(path), ignore_mismatched_sizes=ignore_mismatched_sizes)
     if (msg := plan.warning()) is not None:
         (warn or (lambda m: warnings.warn(m, stacklevel=4)))(f"{owner}: {msg}")
     return state, plan

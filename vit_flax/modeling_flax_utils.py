@@ -257,12 +257,13 @@ class FlaxPreTrainedModel:
         Constructor flags (``add_pooling_layer=False``) go to the constructor; config fields
         (``num_labels=10``, ``attn_implementation``) override the config.
         """
-        path, config, init_kwargs = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        path, config, init_kwargs, state = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
         model = cls(config, *model_args, dtype=dtype, param_dtype=param_dtype, _do_init=False, **init_kwargs)
         specs = model.param_specs()
         state, plan = match_checkpoint(
             specs, path, owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            state=state,
         )
         fresh = {s.name for s in specs} - set(plan.sources)
         model._check_tree(model.input_shape)

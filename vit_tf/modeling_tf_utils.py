@@ -334,11 +334,12 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
         """
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        path, config, init_kwargs = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        path, config, init_kwargs, state = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
         model = cls(config, *model_args, **init_kwargs)
         state, plan = match_checkpoint(
             model.param_specs(), path, owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            state=state,
         )
         table = model.variables_by_name()
         for name, key in plan.sources.items():

@@ -212,7 +212,7 @@ class TorchPreTrainedModel(nn.Module):
         """
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        path, config, init_kwargs = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        path, config, init_kwargs, state = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
         ckpt_dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
         target = resolve_dtype(torch_dtype if dtype is None else dtype, ckpt_dtype)
         model = cls(config, *model_args, **init_kwargs)
@@ -221,6 +221,7 @@ class TorchPreTrainedModel(nn.Module):
             path,
             owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            state=state,
         )
         params = dict(model.named_parameters())
         with torch.no_grad():
