@@ -27,6 +27,7 @@ __all__ = [
     "model_class_of",
     "kinds_of",
     "float_array",
+    "require_hf_legacy_class",
 ]
 
 #: Attention heads of the standard widths (ViT/DeiT Ti, S, B, L, H).
@@ -143,3 +144,10 @@ class Converted:
         bad = [f"{k}: {list(got[k])} vs {list(want[k])}" for k in want if tuple(got[k]) != tuple(want[k])]
         if bad:
             raise CheckpointError(f"{self.state.source}: converted shapes disagree with the table: {bad}")
+
+
+def require_hf_legacy_class(model_class: str, flags: Mapping[str, bool], framework: str, known: Mapping) -> None:
+    """HF's TF and Flax have only ``ViTModel`` (no mask token) and ``ViTForImageClassification``."""
+    if model_class not in known or flags.get("use_mask_token"):
+        what = model_class + (" with a mask token" if flags.get("use_mask_token") else "")
+        raise CheckpointError(f"HF {framework} has no {what}; write it with --to hf instead")

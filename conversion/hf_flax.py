@@ -25,7 +25,7 @@ from vit_core.pretrained import saved_config_dict
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import Kind, from_kernel_layout, to_kernel_layout
 
-from .common import LazyState, float_array, kinds_of
+from .common import LazyState, float_array, kinds_of, require_hf_legacy_class
 
 __all__ = ["FLAX_WEIGHTS_NAME", "read_flax_msgpack_state", "write_flax_msgpack"]
 
@@ -123,9 +123,7 @@ def write_flax_msgpack(
     import msgpack  # a dependency of flax
 
     flags = dict(flags or {})
-    if model_class not in _FLAX_CLASSES or flags.get("use_mask_token"):
-        raise CheckpointError(f"HF Flax has no {model_class}{' with a mask token' if flags.get('use_mask_token') else ''}; "
-                              "write it with --to hf instead")
+    require_hf_legacy_class(model_class, flags, "Flax", _FLAX_CLASSES)
     kinds = kinds_of(model_class, config, flags)
     tree: dict[str, Any] = {}  # flax path → canonical name (no data yet)
     for name in state:

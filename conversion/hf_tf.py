@@ -32,7 +32,7 @@ from vit_core.pretrained import saved_config_dict
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import BASE_MODEL_PREFIX, Kind, from_kernel_layout, to_kernel_layout
 
-from .common import LazyState, float_array, kinds_of
+from .common import LazyState, float_array, kinds_of, require_hf_legacy_class
 
 __all__ = ["TF_WEIGHTS_NAME", "read_tf_h5_state", "write_tf_h5"]
 
@@ -186,9 +186,7 @@ def write_tf_h5(
     """
     h5py = _h5py()
     flags = dict(flags or {})
-    if model_class not in _TF_MODEL_NAMES or flags.get("use_mask_token"):
-        raise CheckpointError(f"HF TensorFlow has no {model_class}{' with a mask token' if flags.get('use_mask_token') else ''}; "
-                              "write it with --to hf instead")
+    require_hf_legacy_class(model_class, flags, "TensorFlow", _TF_MODEL_NAMES)
     kinds = kinds_of(model_class, config, flags)
     model_name = _TF_MODEL_NAMES[model_class]
     folder = Path(folder)

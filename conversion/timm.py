@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_core.checkpoint import load_torch_state
 from vit_core.config import ViTConfig
 from vit_core.safetensors_io import CheckpointError, SafetensorsFile
 
@@ -70,31 +71,8 @@ def load_flat_state(path: Path) -> Mapping[str, Any]:
     """
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'trivit[torch]')") from None
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt, truncated or unsafe pickles
-        raise CheckpointError(f"{path}: cannot be read safely with torch.load(weights_only=True) ({e})") from None
-    for wrapper in ("model", "state_dict", "model_ema"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    out = {}
-    for key, t in state.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: key {key!r} is a {type(t).__name__}, not a tensor")
-        out[key.removeprefix("module.")] = t
-    return out
+    state = load_torch_state(path, wrappers=("model", "state_dict", "model_ema"))
+    return {key.removeprefix("module."): t for key, t in state.items()}
 
 
 def _numpy(value: Any) -> np.ndarray:

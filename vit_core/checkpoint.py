@@ -41,6 +41,7 @@ __all__ = [
     "find_weights",
     "read_checkpoint",
     "write_checkpoint",
+    "load_torch_state",
     "parse_size",
 ]
 
@@ -109,7 +110,10 @@ def _read_index(index: Path) -> list[Path]:
     return [index.parent / s for s in shards]
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+def load_torch_state(path: Path, wrappers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{name: torch.Tensor}`` from a torch file, with ``torch.load(weights_only=True)`` only (no
+    pickled code runs), memory-mapped when the file allows. A state nested under one of
+    ``wrappers`` (e.g. ``{"model": state}``) is unwrapped. Every failure is a CheckpointError."""
     try:
         import torch
     except ImportError:
@@ -118,18 +122,33 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             "(or convert it to model.safetensors)"
         ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(f"{path}: cannot be read safely with weights_only=True ({e})") from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt, truncated or unsafe pickles
+        raise CheckpointError(f"{path}: cannot be read safely with torch.load(weights_only=True) ({e})") from None
+    for wrapper in wrappers:
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    out = {}
     for key, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: key {key!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach()
-        out[key] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-    return out
+    return dict(state)
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    return {
+        key: (t.detach().float() if t.dtype == torch.bfloat16 else t.detach()).numpy()
+        for key, t in load_torch_state(path).items()
+    }
 
 
 def _read_foreign(path: Path) -> Mapping[str, np.ndarray]:

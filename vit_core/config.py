@@ -299,6 +299,17 @@ class ViTConfig:
     def use_return_dict(self) -> bool:
         return self.return_dict
 
+    def output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """A call's ``output_attentions``, ``output_hidden_states``, ``return_dict``: each argument
+        if given, else this config's default (HF semantics)."""
+        return (
+            self.output_attentions if output_attentions is None else bool(output_attentions),
+            self.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            self.return_dict if return_dict is None else bool(return_dict),
+        )
+
     @property
     def _attn_implementation(self) -> str:  # HF spelling
         return self.attn_implementation

@@ -480,16 +480,15 @@ class FlaxViTPreTrainedModel(FlaxPreTrainedModel):
         pixel_values = jnp.asarray(pixel_values)
         if pixel_values.ndim == 4:  # NCHW → NHWC; other ranks go on as they are, for the module's check to name
             pixel_values = jnp.transpose(pixel_values, (0, 2, 3, 1))
-        c = self.config
-        flags = dict(
-            output_attentions=c.output_attentions if output_attentions is None else bool(output_attentions),
-            output_hidden_states=c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-            interpolate_pos_encoding=bool(interpolate_pos_encoding),
+        output_attentions, output_hidden_states, return_dict = self.config.output_flags(
+            output_attentions, output_hidden_states, return_dict
         )
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     interpolate_pos_encoding=bool(interpolate_pos_encoding))
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         out = self.module.apply({"params": self.params if params is None else params}, pixel_values,
                                 deterministic=not train, rngs=rngs, **flags, **inputs)
-        return out if (c.return_dict if return_dict is None else return_dict) else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
 
 class FlaxViTModel(FlaxViTPreTrainedModel):

@@ -192,16 +192,6 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
             var.assign(to_kernel_layout(spec.kind, initial_value(spec, self.config.initializer_range)))
 
     # ------------------------------------------------------------------ forward helpers
-    def _output_flags(
-        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
-    ) -> tuple[bool, bool, bool]:
-        c = self.config
-        return (
-            c.output_attentions if output_attentions is None else bool(output_attentions),
-            c.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-            c.return_dict if return_dict is None else bool(return_dict),
-        )
-
     def _head_mask(self, head_mask: Tensor | None) -> Tensor | None:
         """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1) in the compute dtype."""
         if head_mask is None:

@@ -457,7 +457,7 @@ class TFViTModel(TFViTPreTrainedModel):
         )
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
-        output_attentions, output_hidden_states, return_dict = self._output_flags(
+        output_attentions, output_hidden_states, return_dict = self.config.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
         head_mask = self._head_mask(extra["head_mask"])

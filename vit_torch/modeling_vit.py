@@ -262,7 +262,7 @@ class ViTModel(ViTPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
-        output_attentions, output_hidden_states, return_dict = self._output_flags(
+        output_attentions, output_hidden_states, return_dict = self.config.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
         head_mask = self._head_mask(head_mask)
