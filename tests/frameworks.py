@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from adapter import Adapter
 from settings import DEVICE
 
 
-def _np(value):
-    return tuple(_np(v) for v in value) if isinstance(value, tuple) else value.detach().cpu().numpy()
-
-
-class TorchAdapter:
+class TorchAdapter(Adapter):
     name = "pt"
 
     def _module(self):
@@ -42,14 +39,8 @@ class TorchAdapter:
         with torch.no_grad():
             return model(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(DEVICE) for k, v in inputs.items()}, **kwargs)
 
-    def run(self, model, inputs: dict, **kwargs) -> dict:
-        out = self._call(model, inputs, **kwargs)
-        return {key: _np(out[key]) for key in out.keys()}
-
-    def run_tuple(self, model, inputs: dict, **kwargs) -> tuple:
-        out = self._call(model, inputs, return_dict=False, **kwargs)
-        assert isinstance(out, tuple), f"return_dict=False gave {type(out).__name__}"
-        return _np(out)
+    def _leaf(self, value) -> np.ndarray:
+        return value.detach().cpu().numpy()
 
 
 class HFTorchAdapter(TorchAdapter):

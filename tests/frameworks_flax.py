@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+from adapter import Adapter
 
 
-class FlaxAdapter:
+class FlaxAdapter(Adapter):
     name = "flax"
 
     def load(self, class_name: str, path, **flags):
@@ -17,15 +17,5 @@ class FlaxAdapter:
 
         return getattr(vit_flax, f"Flax{class_name}").from_pretrained(path, **flags)
 
-    def run(self, model, inputs: dict, **kwargs) -> dict:
-        out = model(**inputs, **kwargs)
-        return {key: _np(value) for key, value in out.items()}
-
-    def run_tuple(self, model, inputs: dict, **kwargs) -> tuple:
-        out = model(**inputs, return_dict=False, **kwargs)
-        assert isinstance(out, tuple), f"return_dict=False gave {type(out).__name__}"
-        return _np(out)
-
-
-def _np(value):
-    return tuple(_np(v) for v in value) if isinstance(value, tuple) else np.asarray(value)
+    def _call(self, model, inputs: dict, **kwargs):
+        return model(**inputs, **kwargs)

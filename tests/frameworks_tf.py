@@ -9,12 +9,10 @@ import os
 
 import numpy as np
 
-
-def _np(value):
-    return tuple(_np(v) for v in value) if isinstance(value, tuple) else np.asarray(value)
+from adapter import Adapter
 
 
-class TFAdapter:
+class TFAdapter(Adapter):
     name = "tf"
 
     def load(self, class_name: str, path, **flags):
@@ -26,12 +24,3 @@ class TFAdapter:
 
     def _call(self, model, inputs: dict, **kwargs):
         return model(**{k: np.ascontiguousarray(v) for k, v in inputs.items()}, **kwargs, training=False)
-
-    def run(self, model, inputs: dict, **kwargs) -> dict:
-        out = self._call(model, inputs, **kwargs)
-        return {key: _np(out[key]) for key in out.keys()}
-
-    def run_tuple(self, model, inputs: dict, **kwargs) -> tuple:
-        out = self._call(model, inputs, return_dict=False, **kwargs)
-        assert isinstance(out, tuple), f"return_dict=False gave {type(out).__name__}"
-        return _np(out)
