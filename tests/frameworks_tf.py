@@ -19,7 +19,6 @@ class TFAdapter(Adapter):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import vit_tf
 
-        flags.pop("attn_implementation", None)  # TF has one attention path; the numbers do not depend on it
         return getattr(vit_tf, f"TF{class_name}").from_pretrained(path, **flags)
 
     def _call(self, model, inputs: dict, **kwargs):

@@ -182,3 +182,20 @@ def test_return_dict_false_gives_the_same_tuple(framework, model, tmp_path):
     assert len(as_tuple) == len(as_dict)
     for (key, expected), actual in zip(as_dict.items(), as_tuple):
         assert_outputs_close({key: actual}, {key: expected}, atol=0.0, where=f"{framework.name} return_dict=False vs True [{key}]")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_class_token_only_is_row_zero_of_the_full_model(framework, attn, tmp_path):
+    """``class_token_only=True`` (what the classifier uses when it returns no hidden states or
+    attentions) computes the last block for the class token alone: row 0 of the full model, and the
+    same pooler output. The classifiers' own cases above check it against HF's full computation."""
+    case = Case("cls-token-only", "ViTModel", batch=3)
+    config = ViTConfig(**TINY)
+    path = make_checkpoint(tmp_path, case, config)
+    inputs = make_inputs(case, config)
+    model = framework.load(case.model, path, attn_implementation=attn)
+    full = framework.run(model, inputs)
+    short = framework.run(model, inputs, class_token_only=True)
+    assert short["last_hidden_state"].shape == (3, 1, config.hidden_size)
+    expected = {"last_hidden_state": full["last_hidden_state"][:, :1], "pooler_output": full["pooler_output"]}
+    assert_outputs_close(short, expected, where=f"{framework.name} class_token_only vs full [{attn}]")

@@ -583,11 +583,13 @@ class FlaxViTPreTrainedModel(FlaxPreTrainedModel):
 class FlaxViTModel(FlaxViTPreTrainedModel):
     """The bare encoder; ``add_pooling_layer`` / ``use_mask_token`` as in :class:`vit_torch.ViTModel`.
 
-    Inputs: ``pixel_values`` (B, C, H, W); keywords ``bool_masked_pos`` (B, N), ``head_mask``.
+    Inputs: ``pixel_values`` (B, C, H, W); keywords ``bool_masked_pos`` (B, N), ``head_mask``, and
+    ``class_token_only`` (beyond HF: the last block computes the class token alone, ``last_hidden_state``
+    (B, 1, D)).
     """
 
     module_class = FlaxViTModule
-    input_names = ("bool_masked_pos", "head_mask")
+    input_names = ("bool_masked_pos", "head_mask", "class_token_only")
 
     def __init__(self, config: ViTConfig, input_shape: tuple[int, ...] | None = None, seed: int = 0,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, _do_init: bool = True,

@@ -174,11 +174,37 @@ class TFViTEmbeddings(ViTConfigSerializable, keras.layers.Layer):
         return self.dropout(embeddings, training=training)
 
 
+def attention_core(q: Tensor, k_t: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q·kᵀ·scale)·v: q (B, h, Sq, d), k_t (B, h, d, S), v (B, h, S, d) → (B, h, Sq, d), softmax in fp32.
+
+    The gradient is written out: the softmax part uses rowsum(g·out), a reduction over d, instead of
+    autodiff's rowsum over the S×S probabilities. Same math as :func:`vit_flax.modeling_flax_vit.attention_core`.
+    """
+
+    @tf.custom_gradient
+    def core(q: Tensor, k_t: Tensor, v: Tensor) -> tuple[Tensor, Any]:
+        scores = tf.cast(tf.matmul(q, k_t), tf.float32) * scale
+        probs = tf.cast(tf.nn.softmax(scores, axis=-1), q.dtype)
+        out = tf.matmul(probs, v)
+
+        def grad(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            dv = tf.matmul(probs, g, transpose_a=True)
+            dprobs = tf.cast(tf.matmul(g, v, transpose_b=True), tf.float32)
+            row = tf.reduce_sum(tf.cast(g * out, tf.float32), axis=-1, keepdims=True)  # = rowsum(dprobs·probs)
+            dscores = tf.cast(tf.cast(probs, tf.float32) * (dprobs - row) * scale, q.dtype)
+            return tf.matmul(dscores, k_t, transpose_b=True), tf.matmul(q, dscores, transpose_a=True), dv
+
+        return out, grad
+
+    return core(q, k_t, v)
+
+
 @register
 class TFViTSelfAttention(ViTConfigSerializable, keras.layers.Layer):
-    """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None.
+    """Multi-head self-attention core: (B, S, D) → context (B, Sq, D), probs (B, h, Sq, S) or None.
 
-    Always the explicit softmax path (the numbers of PyTorch's eager and sdpa paths agree)."""
+    Sq = S, or 1 with ``class_token_only`` (only the class token's query). Without probs, head_mask
+    or active dropout: :func:`attention_core`; else the explicit softmax path (autodiff)."""
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
@@ -203,22 +229,28 @@ class TFViTSelfAttention(ViTConfigSerializable, keras.layers.Layer):
         head_mask: Tensor | None = None,
         output_attentions: bool = False,
         training: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        s = hidden_states.shape[1]
-
         def split(x: Tensor, perm: tuple[int, ...]) -> Tensor:  # (B, S, D) → (B, S, h, d) → perm
-            return ops.transpose(ops.reshape(x, (-1, s, self.num_attention_heads, self.attention_head_size)), perm)
+            return ops.transpose(ops.reshape(x, (-1, x.shape[1], self.num_attention_heads, self.attention_head_size)), perm)
 
-        q = split(self.query(hidden_states), (0, 2, 1, 3))  # (B, h, S, d)
+        queries = hidden_states[:, :1] if class_token_only else hidden_states
+        q = split(self.query(queries), (0, 2, 1, 3))  # (B, h, Sq, d)
         k_t = split(self.key(hidden_states), (0, 2, 3, 1))  # (B, h, d, S): k transposed by one permutation, not two
         v = split(self.value(hidden_states), (0, 2, 1, 3))
-        scores = ops.matmul(q, k_t) * self.scaling
-        probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
-        probs = self.dropout(probs, training=training)
-        if head_mask is not None:
-            probs = probs * head_mask
-        context = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
-        return ops.reshape(context, (-1, s, self.all_head_size)), probs
+        probs = None
+        dropout = training and self.dropout_prob > 0
+        if self.config.attn_implementation == "sdpa" and head_mask is None and not output_attentions and not dropout:
+            context = attention_core(q, k_t, v, self.scaling)
+        else:
+            scores = ops.matmul(q, k_t) * self.scaling
+            probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
+            probs = self.dropout(probs, training=training)
+            if head_mask is not None:
+                probs = probs * head_mask
+            context = ops.matmul(probs, v)
+        context = ops.transpose(context, (0, 2, 1, 3))
+        return ops.reshape(context, (-1, q.shape[2], self.all_head_size)), probs
 
 
 @register
@@ -256,9 +288,14 @@ class TFViTAttention(ViTConfigSerializable, keras.layers.Layer):
         head_mask: Tensor | None = None,
         output_attentions: bool = False,
         training: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         context, probs = self.attention(
-            hidden_states, head_mask=head_mask, output_attentions=output_attentions, training=training
+            hidden_states,
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            training=training,
+            class_token_only=class_token_only,
         )
         return self.self_output(context, training=training), probs
 
@@ -299,7 +336,11 @@ class TFViTOutput(ViTConfigSerializable, keras.layers.Layer):
 
 @register
 class TFViTLayer(ViTConfigSerializable, keras.layers.Layer):
-    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h)); (B, S, D) → (B, S, D).
+
+    ``class_token_only``: only the class token's row is computed, (B, S, D) → (B, 1, D), the same
+    numbers as row 0 of the full block (every step after the keys and values is row-wise).
+    """
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
@@ -324,14 +365,16 @@ class TFViTLayer(ViTConfigSerializable, keras.layers.Layer):
         head_mask: Tensor | None = None,
         output_attentions: bool = False,
         training: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         attention_output, probs = self.attention(
             self.layernorm_before(hidden_states),
             head_mask=head_mask,
             output_attentions=output_attentions,
             training=training,
+            class_token_only=class_token_only,
         )
-        hidden_states = attention_output + hidden_states
+        hidden_states = attention_output + (hidden_states[:, :1] if class_token_only else hidden_states)
         layer_output = self.mlp_output(
             self.intermediate(self.layernorm_after(hidden_states)), hidden_states, training=training
         )
@@ -340,7 +383,11 @@ class TFViTLayer(ViTConfigSerializable, keras.layers.Layer):
 
 @register
 class TFViTEncoder(ViTConfigSerializable, keras.layers.Layer):
-    """``num_hidden_layers`` × :class:`TFViTLayer`: (B, S, D) → :class:`BaseModelOutput`."""
+    """``num_hidden_layers`` × :class:`TFViTLayer`: (B, S, D) → :class:`BaseModelOutput`.
+
+    ``class_token_only``: the last block computes only the class token (``last_hidden_state``
+    (B, 1, D)); for callers that read nothing else, and that ask for no hidden states or attentions.
+    """
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
@@ -358,13 +405,18 @@ class TFViTEncoder(ViTConfigSerializable, keras.layers.Layer):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         training: bool = False,
+        class_token_only: bool = False,
     ) -> BaseModelOutput:
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn: tuple[Tensor, ...] | None = () if output_attentions else None
         for i, layer in enumerate(self.layer):
             layer_mask = None if head_mask is None else head_mask[i]
             hidden_states, probs = layer(
-                hidden_states, head_mask=layer_mask, output_attentions=output_attentions, training=training
+                hidden_states,
+                head_mask=layer_mask,
+                output_attentions=output_attentions,
+                training=training,
+                class_token_only=class_token_only and i == len(self.layer) - 1,
             )
             if all_hidden is not None:
                 all_hidden += (hidden_states,)
@@ -451,6 +503,7 @@ class TFViTModel(TFViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         return_dict: bool | None = None,
         training: bool = False,
+        class_token_only: bool = False,
     ) -> BaseModelOutputWithPooling | tuple:
         pixel_values, extra = self._unpack_inputs(
             pixel_values, {"bool_masked_pos": bool_masked_pos, "head_mask": head_mask}
@@ -474,6 +527,7 @@ class TFViTModel(TFViTPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             training=training,
+            class_token_only=class_token_only,
         )
         sequence_output = self.layernorm(encoded.last_hidden_state)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
@@ -492,7 +546,10 @@ def _is_integer(x: Tensor) -> bool:
 
 @register
 class TFViTForImageClassification(TFViTPreTrainedModel):
-    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
+    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels).
+
+    Unless hidden states or attentions are asked for, the last block computes the class token alone.
+    """
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(config, **kwargs)
@@ -518,7 +575,9 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
         training: bool = False,
     ) -> ImageClassifierOutput | tuple:
         pixel_values, extra = self._unpack_inputs(pixel_values, {"head_mask": head_mask, "labels": labels})
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = self.config.output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         outputs = self.vit(
             pixel_values,
             head_mask=extra["head_mask"],
@@ -527,6 +586,7 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
             training=training,
+            class_token_only=not (output_attentions or output_hidden_states),
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
         labels = extra["labels"]

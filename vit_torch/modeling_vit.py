@@ -87,7 +87,11 @@ class ViTEmbeddings(nn.Module):
 
 
 class ViTSelfAttention(nn.Module):
-    """Multi-head self-attention core: (B, S, D) → context (B, S, D), probs (B, h, S, S) or None."""
+    """Multi-head self-attention core: (B, S, D) → context (B, Sq, D), probs (B, h, Sq, S) or None.
+
+    Sq = S, or 1 with ``class_token_only`` (only the class token's query: what a classifier reads of
+    the last layer).
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -102,11 +106,16 @@ class ViTSelfAttention(nn.Module):
         self.dropout_prob = config.attention_probs_dropout_prob
 
     def forward(
-        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, s, _ = hidden_states.shape
-        split = lambda x: x.view(b, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.query(hidden_states)), split(self.key(hidden_states)), split(self.value(hidden_states))
+        b = hidden_states.shape[0]
+        split = lambda x: x.view(b, x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # noqa: E731
+        queries = hidden_states[:, :1] if class_token_only else hidden_states
+        q, k, v = split(self.query(queries)), split(self.key(hidden_states)), split(self.value(hidden_states))
         p = self.dropout_prob if self.training else 0.0
         probs = None
         if self.config.attn_implementation == "sdpa" and head_mask is None and not output_attentions:
@@ -118,7 +127,7 @@ class ViTSelfAttention(nn.Module):
             if head_mask is not None:
                 probs = probs * head_mask
             context = torch.matmul(probs, v)
-        return context.transpose(1, 2).reshape(b, s, self.all_head_size), probs
+        return context.transpose(1, 2).reshape(b, q.shape[2], self.all_head_size), probs
 
 
 class ViTSelfOutput(nn.Module):
@@ -140,9 +149,13 @@ class ViTAttention(nn.Module):
         self.output = ViTSelfOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        context, probs = self.attention(hidden_states, head_mask, output_attentions)
+        context, probs = self.attention(hidden_states, head_mask, output_attentions, class_token_only)
         return self.output(context), probs
 
 
@@ -171,7 +184,11 @@ class ViTOutput(nn.Module):
 
 
 class ViTLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then h + mlp(LN(h)); (B, S, D) → (B, S, D).
+
+    ``class_token_only``: only the class token's row is computed, (B, S, D) → (B, 1, D), the same
+    numbers as row 0 of the full block (every step after the keys and values is row-wise).
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -182,15 +199,27 @@ class ViTLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, probs = self.attention(self.layernorm_before(hidden_states), head_mask, output_attentions)
-        hidden_states = attention_output + hidden_states
+        attention_output, probs = self.attention(
+            self.layernorm_before(hidden_states), head_mask, output_attentions, class_token_only
+        )
+        hidden_states = attention_output + (hidden_states[:, :1] if class_token_only else hidden_states)
         layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
         return layer_output, probs
 
 
 class ViTEncoder(nn.Module):
+    """``num_hidden_layers`` × :class:`ViTLayer`: (B, S, D) → :class:`BaseModelOutput`.
+
+    ``class_token_only``: the last block computes only the class token (``last_hidden_state``
+    (B, 1, D)); for callers that read nothing else, and that ask for no hidden states or attentions.
+    """
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
@@ -203,15 +232,19 @@ class ViTEncoder(nn.Module):
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        class_token_only: bool = False,
     ) -> BaseModelOutput:
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn: tuple[torch.Tensor, ...] | None = () if output_attentions else None
         for i, layer in enumerate(self.layer):
             layer_mask = None if head_mask is None else head_mask[i]
+            last = class_token_only and i == len(self.layer) - 1
             if self.gradient_checkpointing and self.training:
-                hidden_states, probs = checkpoint(layer, hidden_states, layer_mask, output_attentions, use_reentrant=False)
+                hidden_states, probs = checkpoint(
+                    layer, hidden_states, layer_mask, output_attentions, last, use_reentrant=False
+                )
             else:
-                hidden_states, probs = layer(hidden_states, layer_mask, output_attentions)
+                hidden_states, probs = layer(hidden_states, layer_mask, output_attentions, last)
             if all_hidden is not None:
                 all_hidden += (hidden_states,)
             if all_attn is not None:
@@ -259,7 +292,10 @@ class ViTModel(ViTPreTrainedModel):
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
         return_dict: bool | None = None,
+        class_token_only: bool = False,
     ) -> BaseModelOutputWithPooling | tuple:
+        """``class_token_only`` (beyond HF, for heads that read only the class token): the last block
+        computes the class token alone and ``last_hidden_state`` is (B, 1, D)."""
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         output_attentions, output_hidden_states, return_dict = self.config.output_flags(
@@ -270,7 +306,7 @@ class ViTModel(ViTPreTrainedModel):
         embedding_output = self.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
         )
-        encoded = self.encoder(embedding_output, head_mask, output_attentions, output_hidden_states)
+        encoded = self.encoder(embedding_output, head_mask, output_attentions, output_hidden_states, class_token_only)
         sequence_output = self.layernorm(encoded.last_hidden_state)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         out = BaseModelOutputWithPooling(
@@ -283,7 +319,10 @@ class ViTModel(ViTPreTrainedModel):
 
 
 class ViTForImageClassification(ViTPreTrainedModel):
-    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels)."""
+    """Linear classifier on the class token after the final norm: ``logits`` (B, num_labels).
+
+    Unless hidden states or attentions are asked for, the last block computes the class token alone.
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__(config)
@@ -302,7 +341,9 @@ class ViTForImageClassification(ViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = self.config.output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         outputs = self.vit(
             pixel_values,
             head_mask=head_mask,
@@ -310,6 +351,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
+            class_token_only=not (output_attentions or output_hidden_states),
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
         loss = None if labels is None else self._classification_loss(logits, labels)
