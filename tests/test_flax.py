@@ -292,6 +292,34 @@ def test_sgd_step_vs_torch(saved):
         assert np.abs(flax_tensors[spec.name] - ref).max() <= ATOL, spec.name
 
 
+@pytest.mark.parametrize("queries", [5, 1])  # 1: the class-token-only last block
+def test_attention_paths_agree_with_autodiff(queries):
+    """The CPU attention core (hand-written backward) and the jax.nn.dot_product_attention branch used
+    on other platforms give autodiff's explicit softmax attention, forward and gradients. Both branches
+    run here on CPU, so the one the suite's CPU runs do not take is still checked."""
+    from vit_flax.modeling_flax_vit import _dot_product_attention, attention_core
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (2, 3, queries, 8))
+    k, v = (jax.random.normal(key, (2, 3, 5, 8)) for key in keys[1:3])
+    probe = jax.random.normal(keys[3], (2, 3, queries, 8))
+    scale = 8**-0.5
+
+    def explicit(q, k, v, scale):
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale, -1), v)
+
+    def value_and_grads(fn):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, scale)) * probe)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    ref_loss, ref_grads = value_and_grads(explicit)
+    for name, fn in (("core", attention_core), ("dot_product_attention", _dot_product_attention)):
+        loss, grads = value_and_grads(fn)
+        assert abs(float(loss) - float(ref_loss)) <= ATOL, name
+        for label, g, r in zip("qkv", grads, ref_grads):
+            assert float(jnp.abs(g - r).max()) <= ATOL, f"{name} d/d{label}"
+
+
 def test_gradient_checkpointing_same_grads(saved):
     folder, x, y = _classifier_and_batch(saved)
     plain = FX.load("ViTForImageClassification", folder)
