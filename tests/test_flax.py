@@ -244,6 +244,19 @@ def test_scan_layers_same_checkpoint_same_numbers(saved, tmp_path):
     assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-6
 
 
+def test_scan_layers_class_token_only_same_contract(saved):
+    """With scanned layers every token is computed, but class_token_only still returns (B, 1, D)."""
+    folder = saved("ViTModel", num_hidden_layers=3)
+    plain = FX.load("ViTModel", folder)
+    scan = vit_flax.FlaxViTModel.from_pretrained(folder, scan_layers=True)
+    x = pixels()
+    short = scan(x, class_token_only=True)
+    assert short.last_hidden_state.shape == (2, 1, 32)
+    assert_outputs_close({"last_hidden_state": np.asarray(short.last_hidden_state)},
+                         {"last_hidden_state": np.asarray(plain(x).last_hidden_state)[:, :1]}, atol=1e-6,
+                         where="scan vs unrolled [class_token_only]")
+
+
 def test_load_backbone_into_head_reports_missing(saved):
     with pytest.warns(UserWarning, match="newly initialised"):
         _, info = vit_flax.FlaxViTForImageClassification.from_pretrained(saved("ViTModel"), output_loading_info=True)

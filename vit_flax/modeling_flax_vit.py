@@ -350,7 +350,7 @@ class FlaxViTEncoder(_ViTModule):
 
     ``class_token_only``: the last block computes only the class token (``last_hidden_state``
     (B, 1, D)); for callers that read nothing else, and that ask for no hidden states or attentions.
-    Scanned layers share one body, so there it computes every token.
+    Scanned layers share one body, so there every token is computed and the class token's row returned.
     """
 
     gradient_checkpointing: bool = False
@@ -375,6 +375,8 @@ class FlaxViTEncoder(_ViTModule):
                 all_hidden += tuple(hs)
             if all_attn is not None:
                 all_attn += tuple(probs)
+            if class_token_only:
+                hidden_states = hidden_states[:, :1]
             return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
         # static_argnums count self as 0: deterministic (3), output_attentions (4), class_token_only (5) are bools.
         layer_cls = nn.remat(FlaxViTLayer, static_argnums=(3, 4, 5)) if self.gradient_checkpointing else FlaxViTLayer
