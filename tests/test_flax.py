@@ -333,6 +333,50 @@ def test_attention_paths_agree_with_autodiff(queries):
             assert float(jnp.abs(g - r).max()) <= ATOL, f"{name} d/d{label}"
 
 
+def test_hand_written_backwards_agree_with_autodiff():
+    """GELU (erf recomputed in the backward), the dense layer (kernel and bias gradients on one 2-D
+    view) and the patch projection (a convolution as one matmul) against autodiff of the plain
+    formulas / ``jax.lax.conv``, forward and every gradient, on 3-D inputs as the model feeds them."""
+    from vit_flax.modeling_flax_utils import ACT2FN
+    from vit_flax.modeling_flax_vit import FlaxViTDense, FlaxViTPatchProjection
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    x = 3.0 * jax.random.normal(keys[0], (2, 7, 6))  # |x| up to ~9: both tails of erf
+    probe = jax.random.normal(keys[1], (2, 7, 6))
+    gelu = lambda x: 0.5 * x * (1.0 + jax.lax.erf(x / jnp.sqrt(2.0)))  # noqa: E731
+    assert float(jnp.abs(ACT2FN["gelu"](x) - gelu(x)).max()) <= ATOL
+    got, ref = (jax.grad(lambda x, f=f: jnp.sum(f(x) * probe))(x) for f in (ACT2FN["gelu"], gelu))
+    assert float(jnp.abs(got - ref).max()) <= ATOL, "gelu"
+
+    dense = FlaxViTDense(5)
+    params = dense.init(keys[2], x)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(keys[3], p.shape), params)
+    plain = lambda p, x: x @ p["params"]["kernel"] + p["params"]["bias"]  # noqa: E731
+    out_probe = jax.random.normal(keys[4], (2, 7, 5))
+    for argnums in (0, 1):
+        got = jax.grad(lambda p, x: jnp.sum(jnp.sin(dense.apply(p, x)) * out_probe), argnums)(params, x)
+        ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(plain(p, x)) * out_probe), argnums)(params, x)
+        for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+            assert float(jnp.abs(g - r).max()) <= ATOL, f"dense d/d{'params' if argnums == 0 else 'x'}"
+
+    proj = FlaxViTPatchProjection(4, patch_size=3)
+    pixels = jax.random.normal(keys[5], (2, 7, 10, 3))  # 7×10: VALID drops the last row / column
+    params = proj.init(keys[2], pixels)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(keys[3], p.shape), params)
+
+    def conv(p: dict, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(x, p["params"]["kernel"], (3, 3), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+        return (y + p["params"]["bias"]).reshape(2, -1, 4)
+
+    patch_probe = jax.random.normal(keys[4], (2, 6, 4))
+    assert float(jnp.abs(proj.apply(params, pixels) - conv(params, pixels)).max()) <= ATOL
+    got, ref = (jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p, pixels)) * patch_probe))(params)
+                for f in (proj.apply, conv))
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        assert float(jnp.abs(g - r).max()) <= ATOL, "patch projection d/dparams"
+
+
 def test_gradient_checkpointing_same_grads(saved):
     folder, x, y = _classifier_and_batch(saved)
     plain = FX.load("ViTForImageClassification", folder)

@@ -52,40 +52,54 @@ class _ViTModule(nn.Module):
     def _dtypes(self) -> dict[str, Dtype]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def _dense(self, features: int, **kwargs: Any) -> nn.Dense:
-        return nn.Dense(features, **self._dtypes, dot_general=_dense_dot, **kwargs)
+    def _dense(self, features: int, use_bias: bool = True) -> FlaxViTDense:
+        return FlaxViTDense(features, use_bias, **self._dtypes)
 
     def _layer_norm(self) -> FlaxViTLayerNorm:
         return FlaxViTLayerNorm(epsilon=self.config.layer_norm_eps, **self._dtypes)
 
 
-def _dense_dot(x: Array, kernel: Array, dimension_numbers: Any, precision: Any = None,
-               preferred_element_type: Any = None) -> Array:
-    """``nn.Dense``'s contraction, (..., in) · (in, out) → (..., out), through :func:`_matmul`."""
-    del dimension_numbers, preferred_element_type  # always nn.Dense's: last axis of x with the first of kernel
-    return _matmul(x, kernel, precision)
+class FlaxViTDense(nn.Module):
+    """(..., in) → (..., out): x·kernel + bias, params as ``nn.Dense``'s (``kernel`` (in, out), ``bias`` (out,)).
+
+    Why not ``nn.Dense``: its backward, by autodiff, gave XLA:CPU a 3-D contraction over (B, S) for
+    the kernel gradient, which copied and transposed activations first (ViT-B/16 train step 6%
+    slower, measured), and a bias gradient that transposed the attention heads' cotangents a second
+    time; :func:`_affine` takes both from one (B·S, out) view.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias \
+            else jnp.zeros((self.features,), self.param_dtype)
+        return _affine(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: Array, kernel: Array, precision: Any) -> Array:
-    """x · kernel over x's last axis, with the backward written out: the kernel gradient as one 2-D
-    (in, B·S)·(B·S, out) product. Autodiff's contraction over (B, S) of 3-D arrays made XLA:CPU copy
-    and transpose activations first; ViT-B/16 train step 6% faster this way, measured."""
-    return jnp.dot(x, kernel, precision=precision)
+@jax.custom_vjp
+def _affine(x: Array, kernel: Array, bias: Array) -> Array:
+    """x·kernel + bias over x's last axis; the backward takes the kernel gradient as one 2-D
+    (in, B·S)·(B·S, out) product and the bias gradient from the same (B·S, out) cotangent."""
+    return jnp.dot(x, kernel) + bias
 
 
-def _matmul_fwd(x: Array, kernel: Array, precision: Any) -> tuple[Array, tuple[Array, Array]]:
-    return jnp.dot(x, kernel, precision=precision), (x, kernel)
+def _affine_fwd(x: Array, kernel: Array, bias: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _affine(x, kernel, bias), (x, kernel)
 
 
-def _matmul_bwd(precision: Any, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+def _affine_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array, Array]:
     x, kernel = res
-    dx = jnp.dot(g, kernel.T, precision=precision)
-    dkernel = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]), precision=precision)
-    return dx, dkernel.astype(kernel.dtype)
+    g2 = g.reshape(-1, g.shape[-1])
+    dkernel = jnp.dot(x.reshape(-1, x.shape[-1]).T, g2)
+    return jnp.dot(g, kernel.T), dkernel, jnp.sum(g2, axis=0)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 class FlaxViTLayerNorm(nn.Module):
@@ -137,7 +151,7 @@ class FlaxViTPatchProjection(nn.Module):
     ``kernel`` (p, p, C, D), ``bias`` (D,).
 
     Why not ``nn.Conv``: XLA:CPU ran the convolution's kernel gradient after transposing the whole
-    image to (C, H, W, B); ViT-B/16 train step ~40 ms faster this way, measured.
+    image to (C, H, W, B); profiled in a ViT-B/16 train step, ~55 ms as a convolution, ~17 ms so.
     """
 
     features: int
@@ -153,7 +167,7 @@ class FlaxViTPatchProjection(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         patches = pixel_values[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, gh * gw, p * p * c).astype(self.dtype)
-        return _matmul(patches, kernel.reshape(-1, self.features).astype(self.dtype), None) + bias.astype(self.dtype)
+        return _affine(patches, kernel.reshape(-1, self.features).astype(self.dtype), bias.astype(self.dtype))
 
 
 class FlaxViTPatchEmbeddings(_ViTModule):
