@@ -5,15 +5,18 @@ Imports only numpy, Pillow and the standard library (tested): no torch, tensorfl
 
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import ConfigError, ViTConfig
+from .config_hybrid import BitConfig, ViTHybridConfig
 from .image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor
 from .safetensors_io import CheckpointError
 
 __all__ = [
     "BatchFeature",
+    "BitConfig",
     "CheckpointError",
     "ConfigError",
     "ViTConfig",
     "ViTFeatureExtractor",
+    "ViTHybridConfig",
     "ViTImageProcessor",
     "read_checkpoint",
     "write_checkpoint",

@@ -10,11 +10,19 @@ from collections.abc import Sequence
 
 from .config import ViTConfig
 
-__all__ = ["check_pixel_values", "check_bool_masked_pos", "head_mask_layers", "check_mim_mask_allowed"]
+__all__ = ["check_config_type", "check_pixel_values", "check_bool_masked_pos", "head_mask_layers", "check_mim_mask_allowed"]
+
+
+def check_config_type(owner: str, config: object, config_class: type[ViTConfig]) -> None:
+    """A model accepts its own config class only: a ``ViTHybridConfig`` (a ``ViTConfig`` subclass) does
+    not build a plain ``ViTModel``, whose patch embedding would be a pixel convolution."""
+    if not isinstance(config, config_class) or type(config).model_type != config_class.model_type:
+        raise TypeError(f"{owner}: config must be a {config_class.__name__}, got {type(config).__name__}")
 
 
 def check_pixel_values(shape: Sequence[int], config: ViTConfig, interpolate_pos_encoding: bool) -> tuple[int, int]:
-    """Validate NCHW ``pixel_values``; return the patch grid (H // p, W // p)."""
+    """Validate NCHW ``pixel_values``; return the patch grid (``config.feature_grid``: (H // p, W // p) for
+    the ViT, the backbone's output grid over p for the hybrid)."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4:
         raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {shape}")
@@ -29,10 +37,12 @@ def check_pixel_values(shape: Sequence[int], config: ViTConfig, interpolate_pos_
             f"Input image size ({h}*{w}) doesn't match model ({config.image_hw[0]}*{config.image_hw[1]}); "
             "pass interpolate_pos_encoding=True to run at another resolution"
         )
-    p = config.patch_size
-    if h < p or w < p:
-        raise ValueError(f"pixel_values of size {h}*{w} is smaller than one {p}*{p} patch")
-    return h // p, w // p
+    gh, gw = config.feature_grid(h, w)
+    if gh < 1 or gw < 1:
+        raise ValueError(
+            f"pixel_values of size {h}*{w} is too small: its patch grid is {gh}*{gw} (patch_size {config.patch_size})"
+        )
+    return gh, gw
 
 
 def check_bool_masked_pos(shape: Sequence[int], batch: int, num_patches: int, use_mask_token: bool) -> None:

@@ -151,10 +151,14 @@ class ViTConfig:
         s = self.image_size
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid (rows, columns) of an H×W input: (H // p, W // p)."""
+        return height // self.patch_size, width // self.patch_size
+
     @property
     def num_patches(self) -> int:
-        h, w = self.image_hw
-        return (h // self.patch_size) * (w // self.patch_size)
+        gh, gw = self.feature_grid(*self.image_hw)
+        return gh * gw
 
     @property
     def head_dim(self) -> int:
@@ -177,10 +181,7 @@ class ViTConfig:
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if h % self.patch_size or w % self.patch_size:
-            raise ConfigError(
-                f"image_size {self.image_size!r} must be divisible by patch_size ({self.patch_size})"
-            )
+        self._check_image_divisible(h, w)
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; choose one of {list(SUPPORTED_ACTIVATIONS)}"
@@ -208,6 +209,12 @@ class ViTConfig:
                 raise ConfigError(f"{name} must be a positive float, got {v!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} must be None or one of {list(PROBLEM_TYPES)}")
+
+    def _check_image_divisible(self, h: int, w: int) -> None:
+        if h % self.patch_size or w % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size!r} must be divisible by patch_size ({self.patch_size})"
+            )
 
     # ---------------------------------------------------------- construction
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import ViTConfig
+from .config_hybrid import BitConfig, ViTHybridConfig
 from .safetensors_io import CheckpointError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "BASE_MODEL_PREFIX",
     "MODEL_CLASSES",
     "param_specs",
+    "bit_specs",
     "LoadPlan",
     "plan_load",
     "initial_value",
@@ -81,25 +83,68 @@ def _norm(name: str, dim: int) -> list[ParamSpec]:
     ]
 
 
-def _conv(name: str, n_out: int, n_in: int, k: int) -> list[ParamSpec]:
-    return [
-        ParamSpec(f"{name}.weight", (n_out, n_in, k, k), Kind.CONV_WEIGHT, Init.TRUNC_NORMAL),
-        ParamSpec(f"{name}.bias", (n_out,), Kind.BIAS, Init.ZEROS),
-    ]
+def _conv(name: str, n_out: int, n_in: int, k: int, bias: bool = True) -> list[ParamSpec]:
+    rows = [ParamSpec(f"{name}.weight", (n_out, n_in, k, k), Kind.CONV_WEIGHT, Init.TRUNC_NORMAL)]
+    if bias:
+        rows.append(ParamSpec(f"{name}.bias", (n_out,), Kind.BIAS, Init.ZEROS))
+    return rows
+
+
+def bit_specs(bit: BitConfig, prefix: str = "") -> list[ParamSpec]:
+    """Rows of HF's ``BitModel`` (``embedder``, ``encoder.stages``, the pre-activation final ``norm``):
+    weight-standardised convolutions without bias, GroupNorm weight and bias."""
+    rows = _conv("embedder.convolution", bit.embedding_size, bit.num_channels, 7, bias=False)
+    if bit.layer_type == "bottleneck":
+        rows += _norm("embedder.norm", bit.embedding_size)
+    for s, layers in enumerate(bit.stage_layers()):
+        for i, u in enumerate(layers):
+            unit = f"encoder.stages.{s}.layers.{i}"
+            if u.is_first_layer:
+                rows += _conv(f"{unit}.downsample.conv", u.out_channels, u.in_channels, 1, bias=False)
+                if bit.layer_type == "bottleneck":
+                    rows += _norm(f"{unit}.downsample.norm", u.out_channels)
+            if bit.layer_type == "bottleneck":
+                rows += _conv(f"{unit}.conv1", u.mid_channels, u.in_channels, 1, bias=False)
+                rows += _norm(f"{unit}.norm1", u.mid_channels)
+                rows += _conv(f"{unit}.conv2", u.mid_channels, u.mid_channels, 3, bias=False)
+                rows += _norm(f"{unit}.norm2", u.mid_channels)
+                rows += _conv(f"{unit}.conv3", u.out_channels, u.mid_channels, 1, bias=False)
+                rows += _norm(f"{unit}.norm3", u.out_channels)
+            else:  # pre-activation: each norm precedes its conv
+                rows += _norm(f"{unit}.norm1", u.in_channels)
+                rows += _conv(f"{unit}.conv1", u.mid_channels, u.in_channels, 1, bias=False)
+                rows += _norm(f"{unit}.norm2", u.mid_channels)
+                rows += _conv(f"{unit}.conv2", u.mid_channels, u.mid_channels, 3, bias=False)
+                rows += _norm(f"{unit}.norm3", u.mid_channels)
+                rows += _conv(f"{unit}.conv3", u.out_channels, u.mid_channels, 1, bias=False)
+    if bit.layer_type == "preactivation":
+        rows += _norm("norm", bit.hidden_sizes[-1])
+    return [ParamSpec(prefix + r.name, r.shape, r.kind, r.init) for r in rows]
+
+
+def _patch_embedding_specs(config: ViTConfig) -> list[ParamSpec]:
+    """The patch embedding: a p×p conv over the pixels (ViT), or the BiT backbone then a p×p conv over
+    its feature map (hybrid; HF nests the backbone as ``patch_embeddings.backbone.bit``)."""
+    d, p = config.hidden_size, config.patch_size
+    if isinstance(config, ViTHybridConfig):
+        rows = bit_specs(config.bit, prefix="embeddings.patch_embeddings.backbone.bit.")
+        return rows + _conv("embeddings.patch_embeddings.projection", d, config.feature_channels, p)
+    return _conv("embeddings.patch_embeddings.projection", d, config.num_channels, p)
 
 
 def vit_backbone_specs(
     config: ViTConfig, *, add_pooling_layer: bool = True, use_mask_token: bool = False, prefix: str = ""
 ) -> list[ParamSpec]:
-    """Rows of ``ViTModel``: embeddings, ``num_hidden_layers`` encoder layers, final norm, pooler."""
-    d, c = config.hidden_size, config.num_channels
+    """Rows of ``ViTModel`` (and ``ViTHybridModel``): embeddings, ``num_hidden_layers`` encoder layers,
+    final norm, pooler."""
+    d = config.hidden_size
     rows = [ParamSpec("embeddings.cls_token", (1, 1, d), Kind.EMBEDDING, Init.TRUNC_NORMAL)]
     if use_mask_token:
         rows.append(ParamSpec("embeddings.mask_token", (1, 1, d), Kind.EMBEDDING, Init.ZEROS))
     rows.append(
         ParamSpec("embeddings.position_embeddings", (1, config.num_patches + 1, d), Kind.EMBEDDING, Init.TRUNC_NORMAL)
     )
-    rows += _conv("embeddings.patch_embeddings.projection", d, c, config.patch_size)
+    rows += _patch_embedding_specs(config)
     for i in range(config.num_hidden_layers):
         layer = f"encoder.layer.{i}"
         for proj in ("query", "key", "value"):
@@ -133,6 +178,8 @@ MODEL_CLASSES: dict[str, Callable[..., list[ParamSpec]]] = {
     "ViTModel": vit_backbone_specs,
     "ViTForImageClassification": _classification_specs,
     "ViTForMaskedImageModeling": _mim_specs,
+    "ViTHybridModel": vit_backbone_specs,
+    "ViTHybridForImageClassification": _classification_specs,
 }
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_core.checkpoint import write_checkpoint
+from vit_core.checks import check_config_type
 from vit_core.config import ViTConfig
 from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
 from vit_core.weights import Init, Kind, ParamSpec, from_kernel_layout, param_specs, to_kernel_layout
@@ -172,8 +173,7 @@ class FlaxPreTrainedModel:
         scan_layers: bool = False,
         **flags: bool,
     ):
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        check_config_type(type(self).__name__, config, self.config_class)
         self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
         self._table_flags = flags
         #: params stacked per layer under ``encoder/layer`` (``nn.scan``); checkpoints stay per layer
@@ -286,7 +286,9 @@ class FlaxPreTrainedModel:
         Constructor flags (``add_pooling_layer=False``) go to the constructor; config fields
         (``num_labels=10``, ``attn_implementation``) override the config.
         """
-        path, config, init_kwargs, state = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        path, config, init_kwargs, state = resolve_pretrained_args(
+            cls, pretrained_model_name_or_path, config, kwargs, config_class=cls.config_class
+        )
         model = cls(config, *model_args, dtype=dtype, param_dtype=param_dtype, _do_init=False, **init_kwargs)
         specs = model.param_specs()
         state, plan = match_checkpoint(

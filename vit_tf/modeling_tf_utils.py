@@ -21,7 +21,7 @@ import numpy as np
 from keras import ops
 
 from vit_core.checkpoint import write_checkpoint
-from vit_core.checks import head_mask_layers
+from vit_core.checks import check_config_type, head_mask_layers
 from vit_core.config import ViTConfig
 from vit_core.outputs import ModelOutput
 from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
@@ -160,8 +160,7 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
 
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(**kwargs)
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        check_config_type(type(self).__name__, config, self.config_class)
         self.config = config
         self._table_flags: dict[str, bool] = {}
 
@@ -326,7 +325,9 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
         """
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        path, config, init_kwargs, state = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        path, config, init_kwargs, state = resolve_pretrained_args(
+            cls, pretrained_model_name_or_path, config, kwargs, config_class=cls.config_class
+        )
         model = cls(config, *model_args, **init_kwargs)
         state, plan = match_checkpoint(
             model.param_specs(), path, owner=f"{cls.__name__}.from_pretrained({str(path)!r})",

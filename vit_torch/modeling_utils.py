@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vit_core.checkpoint import write_checkpoint
-from vit_core.checks import head_mask_layers
+from vit_core.checks import check_config_type, head_mask_layers
 from vit_core.config import ViTConfig
 from vit_core.safetensors_io import RawTensor
 from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
@@ -91,8 +91,7 @@ class TorchPreTrainedModel(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        check_config_type(type(self).__name__, config, self.config_class)
         self.config = config
         self._table_flags: dict[str, bool] = {}
 
@@ -202,7 +201,9 @@ class TorchPreTrainedModel(nn.Module):
         """
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        path, config, init_kwargs, state = resolve_pretrained_args(cls, pretrained_model_name_or_path, config, kwargs)
+        path, config, init_kwargs, state = resolve_pretrained_args(
+            cls, pretrained_model_name_or_path, config, kwargs, config_class=cls.config_class
+        )
         ckpt_dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
         target = resolve_dtype(torch_dtype if dtype is None else dtype, ckpt_dtype)
         model = cls(config, *model_args, **init_kwargs)
