@@ -7,6 +7,7 @@ from .checkpoint import read_checkpoint, write_checkpoint
 from .config import ConfigError, ViTConfig
 from .config_hybrid import BitConfig, ViTHybridConfig
 from .image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor
+from .image_processing_vit_hybrid import ViTHybridImageProcessor
 from .safetensors_io import CheckpointError
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "ViTConfig",
     "ViTFeatureExtractor",
     "ViTHybridConfig",
+    "ViTHybridImageProcessor",
     "ViTImageProcessor",
     "read_checkpoint",
     "write_checkpoint",

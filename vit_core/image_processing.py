@@ -47,7 +47,7 @@ CONFIG_NAME = "preprocessor_config.json"
 _FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
            "image_mean", "image_std", "do_convert_rgb")
 _DROPPED_KEYS = ("image_processor_type", "feature_extractor_type")
-_SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+_SIZE_KEYS = (("height", "width"), ("shortest_edge",), ("shortest_edge", "longest_edge"))
 _RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 _FRAMEWORKS = {"pt": ("torch", "torch"), "tf": ("tensorflow", "tf"), "jax": ("jax.numpy", "flax")}
 _feature_extractor_warned = False
@@ -73,18 +73,23 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _size_dict(size: Any) -> dict[str, int]:
-    """Normalize ``size`` (int, (height, width) or an HF size dict) to a validated dict."""
+def _size_dict(size: Any, name: str = "size",
+               allowed: Sequence[tuple[str, ...]] = _SIZE_KEYS) -> dict[str, int]:
+    """Normalize ``size`` (int, (height, width) or an HF size dict) to a validated dict.
+
+    ``name`` is the argument named in errors; ``allowed`` the key sets accepted.
+    """
     if isinstance(size, int) and not isinstance(size, bool):
         size = {"height": size, "width": size}
     elif isinstance(size, (tuple, list)) and len(size) == 2:
         size = {"height": size[0], "width": size[1]}
-    if not isinstance(size, Mapping) or set(size) not in _SIZE_KEYS:
-        raise ValueError("`size` must be an int, a (height, width) pair or a dict with keys "
-                         f"{{'height', 'width'}}, {{'shortest_edge'}} or {{'shortest_edge', "
-                         f"'longest_edge'}}; got {size!r}")
+    if not isinstance(size, Mapping) or set(size) not in [set(keys) for keys in allowed]:
+        keys = ["{" + ", ".join(map(repr, keys)) + "}" for keys in allowed]
+        keys = " or ".join(filter(None, (", ".join(keys[:-1]), keys[-1])))
+        raise ValueError(f"`{name}` must be an int, a (height, width) pair or a dict with keys "
+                         f"{keys}; got {size!r}")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size.values()):
-        raise ValueError(f"`size` values must be positive ints, got {dict(size)!r}")
+        raise ValueError(f"`{name}` values must be positive ints, got {dict(size)!r}")
     return dict(size)
 
 
@@ -228,6 +233,8 @@ class ViTImageProcessor:
     """
 
     model_input_names = ["pixel_values"]
+    #: The settings :meth:`to_dict` writes (subclasses with more settings extend it).
+    _fields: tuple[str, ...] = _FIELDS
 
     def __init__(self, do_resize: bool = True, size: Any = None, resample: Any = Image.BILINEAR,
                  do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
@@ -235,7 +242,7 @@ class ViTImageProcessor:
                  image_std: float | Sequence[float] | None = None,
                  do_convert_rgb: bool | None = True, **kwargs: Any) -> None:
         self.do_resize = do_resize
-        self.size = _size_dict({"height": 224, "width": 224} if size is None else size)
+        self.size = self._parse_size({"height": 224, "width": 224} if size is None else size)
         self.resample = _resample(resample)
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
@@ -270,7 +277,7 @@ class ViTImageProcessor:
         """
         do_resize, do_rescale = _pick(do_resize, self.do_resize), _pick(do_rescale, self.do_rescale)
         do_normalize = _pick(do_normalize, self.do_normalize)
-        size = _size_dict(_pick(size, self.size))
+        size = self._parse_size(_pick(size, self.size))
         resample = _resample(_pick(resample, self.resample))
         rescale_factor = _pick(rescale_factor, self.rescale_factor)
         mean, std = _pick(image_mean, self.image_mean), _pick(image_std, self.image_std)
@@ -288,7 +295,8 @@ class ViTImageProcessor:
         out = []
         for image in arrays:
             if do_resize:
-                image = _pil_resize(image, *_target_hw(size, *image.shape[:2]), resample)
+                image = _pil_resize(image, *self._resize_hw(size, *image.shape[:2]), resample)
+            image = self._after_resize(image)
             if do_rescale:
                 image = (image.astype(np.float64) * rescale_factor).astype(np.float32)
             if do_normalize:
@@ -311,11 +319,25 @@ class ViTImageProcessor:
 
     __call__ = preprocess
 
+    # ---- hooks for subclasses (ViTHybridImageProcessor) -----------------------------------------
+
+    def _parse_size(self, size: Any) -> dict[str, int]:
+        """``size`` as a validated dict; an int means a square here."""
+        return _size_dict(size)
+
+    def _resize_hw(self, size: Mapping[str, int], height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of the given size is resized to."""
+        return _target_hw(size, height, width)
+
+    def _after_resize(self, image: np.ndarray) -> np.ndarray:
+        """A step between resize and rescale, on a channels-last array; none here."""
+        return image
+
     # ---- configuration (HF's preprocessor_config.json) -----------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as HF writes them, ``image_processor_type`` included."""
-        keys = (*_FIELDS, *self._extra_keys)
+        keys = (*self._fields, *self._extra_keys)
         out = {key: copy.deepcopy(getattr(self, key)) for key in keys}
         for key, value in out.items():
             if isinstance(value, (np.ndarray, tuple)):
