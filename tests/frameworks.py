@@ -43,6 +43,26 @@ class TorchAdapter(Adapter):
         return value.detach().cpu().numpy()
 
 
+def _patch_hf_hybrid_init() -> None:
+    """transformers 4.57's ViTHybrid cannot be built: its ``_init_weights`` zeroes ``mask_token`` even when it is
+    None. Skip that one module's init (every weight is loaded from the checkpoint right after); the rest of the
+    oracle is HF's own code, untouched. Idempotent."""
+    import transformers.models.deprecated.vit_hybrid.modeling_vit_hybrid as hybrid
+
+    base = hybrid.ViTHybridPreTrainedModel
+    if getattr(base, "_trivit_init_patched", False):
+        return
+    original = base._init_weights
+
+    def _init_weights(self, module):
+        if isinstance(module, hybrid.ViTHybridEmbeddings) and module.mask_token is None:
+            return
+        original(self, module)
+
+    base._init_weights = _init_weights
+    base._trivit_init_patched = True
+
+
 class HFTorchAdapter(TorchAdapter):
     """transformers 4.x, eager attention (its sdpa path ignores head_mask and cannot return attentions)."""
 
@@ -51,6 +71,7 @@ class HFTorchAdapter(TorchAdapter):
     def _module(self):
         import transformers
 
+        _patch_hf_hybrid_init()
         return transformers
 
     def load(self, class_name: str, path, **flags):

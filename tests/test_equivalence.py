@@ -97,7 +97,8 @@ def make_inputs(case: Case, config: ViTConfig, seed: int = 0) -> dict[str, np.nd
     rng = np.random.default_rng(seed)
     h, w = case.hw or config.image_hw
     inputs = {"pixel_values": rng.standard_normal((case.batch, config.num_channels, h, w)).astype(np.float32)}
-    n = (h // config.patch_size) * (w // config.patch_size)
+    gh, gw = config.feature_grid(h, w)  # the token grid (the hybrid's is the backbone's output grid)
+    n = gh * gw
     if case.mask:
         inputs["bool_masked_pos"] = rng.random((case.batch, n)) < 0.5
     if case.head_mask == "heads":

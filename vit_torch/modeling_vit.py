@@ -42,21 +42,25 @@ class ViTPatchEmbeddings(nn.Module):
 class ViTEmbeddings(nn.Module):
     """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
 
+    #: (B, C, H, W) → (B, N, D); the hybrid puts its backbone + projection here.
+    patch_embeddings_class: type[nn.Module] = ViTPatchEmbeddings
+
     def __init__(self, config: ViTConfig, use_mask_token: bool = False):
         super().__init__()
         d = config.hidden_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d)) if use_mask_token else None
-        self.patch_embeddings = ViTPatchEmbeddings(config)
+        self.patch_embeddings = self.patch_embeddings_class(config)
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, d))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.patch_size = config.patch_size
         self.config = config
 
     def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for an H×W input: the patch grid resized to (H//p, W//p)."""
-        grid = tuple(s // self.patch_size for s in self.config.image_hw)
-        new_grid = (height // self.patch_size, width // self.patch_size)
+        """Position embeddings for an H×W input: the patch grid resized to the input's grid
+        (``config.feature_grid``: (H//p, W//p) for the ViT, the backbone's output grid for the hybrid)."""
+        grid = self.config.feature_grid(*self.config.image_hw)
+        new_grid = self.config.feature_grid(height, width)
         if new_grid == grid:
             return self.position_embeddings
         cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
@@ -271,9 +275,11 @@ class ViTPreTrainedModel(TorchPreTrainedModel):
 class ViTModel(ViTPreTrainedModel):
     """The bare encoder. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
 
+    embeddings_class: type[ViTEmbeddings] = ViTEmbeddings
+
     def __init__(self, config: ViTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
         super().__init__(config)
-        self.embeddings = ViTEmbeddings(config, use_mask_token=use_mask_token)
+        self.embeddings = self.embeddings_class(config, use_mask_token=use_mask_token)
         self.encoder = ViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = ViTPooler(config) if add_pooling_layer else None
@@ -324,10 +330,12 @@ class ViTForImageClassification(ViTPreTrainedModel):
     Unless hidden states or attentions are asked for, the last block computes the class token alone.
     """
 
+    base_model_class: type[ViTModel] = ViTModel
+
     def __init__(self, config: ViTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.vit = self.base_model_class(config, add_pooling_layer=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels else nn.Identity()
         self.post_init()
 
