@@ -112,3 +112,33 @@ def test_too_small_for_the_backbone_with_interpolation():
     model = vit_torch.ViTHybridModel(tiny(patch_size=2)).eval()
     with pytest.raises(ValueError, match="too small: its patch grid is 0\\*0"):
         model(torch.zeros(1, 3, 16, 16), interpolate_pos_encoding=True)
+
+
+def test_cached_standardised_weights_follow_every_change(tmp_path):
+    """Inference caches each standardised kernel; in-place updates, load_state_dict and dtype changes
+    must all invalidate it (compared with a model that never cached)."""
+    torch.manual_seed(0)
+    model = vit_torch.ViTHybridModel(tiny()).eval()
+    x = torch.randn(2, 3, 48, 48)
+    conv = model.embeddings.patch_embeddings.backbone.bit.embedder.convolution
+    with torch.no_grad():
+        before = model(x).last_hidden_state
+        assert conv._cached is not None
+        conv.weight.mul_(-1.5)
+        after = model(x).last_hidden_state
+    model.save_pretrained(tmp_path)
+    fresh = vit_torch.ViTHybridModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        want = fresh(x).last_hidden_state
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, want)
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    state["embeddings.patch_embeddings.backbone.bit.embedder.convolution.weight"] *= 2.0
+    model.load_state_dict(state)
+    fresh.load_state_dict(state)
+    fresh.train()  # training mode never caches (dropout rates are 0, so the numbers are the same)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, fresh(x).last_hidden_state, rtol=0, atol=0)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        assert model(x.bfloat16()).last_hidden_state.dtype == torch.bfloat16

@@ -40,8 +40,20 @@ class WeightStandardizedConv2d(nn.Conv2d):
         self.global_padding = bit.global_padding
         self.formula = bit.weight_standardization
         self.eps = bit.weight_standardization_eps
+        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def standardized_weight(self) -> torch.Tensor:
+        """The standardised kernel. Without autograd (inference) it is computed once and cached until the
+        weight changes (in place, dtype or device); HF recomputes it on every call."""
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return self._standardize()
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._standardize())
+        return self._cached[1]
+
+    def _standardize(self) -> torch.Tensor:
         w = self.weight.float().reshape(1, self.out_channels, -1)
         if self.formula == "var_eps":  # the same kernel as HF's (batch statistics over each output channel)
             w = F.batch_norm(w, None, None, training=True, momentum=0.0, eps=self.eps)
@@ -51,8 +63,10 @@ class WeightStandardizedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (k, _), (s, _), (d, _) = self.kernel_size, self.stride, self.dilation
-        pads = [conv_padding(self.global_padding, n, k, s, d) for n in x.shape[-2:]]
-        x = _pad(x, *pads)
+        (top, bottom), (left, right) = (conv_padding(self.global_padding, n, k, s, d) for n in x.shape[-2:])
+        if top == bottom and left == right:  # symmetric: the convolution pads by itself, without a copy
+            return F.conv2d(x, self.standardized_weight(), None, self.stride, (top, left), self.dilation)
+        x = _pad(x, (top, bottom), (left, right))
         return F.conv2d(x, self.standardized_weight(), None, self.stride, 0, self.dilation)
 
 
