@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="hf: config.json + model.safetensors (default); tf-h5: tf_model.h5; flax-msgpack: flax_model.msgpack")
     p.add_argument("--num-heads", type=int, help="attention heads (timm files do not record them; default from the width)")
     p.add_argument("--num-labels", type=int, help="0 drops the classification head; otherwise must match it")
+    p.add_argument("--num-groups", type=int,
+                   help="hybrids (timm, npz): the CNN backbone's GroupNorm groups (not recorded in the file; default 32)")
     p.add_argument("--exact-gelu", action="store_true", help="npz/big_vision: exact erf GELU instead of flax's tanh default")
     p.add_argument("--verify", action="store_true", help="run source and converted models on random pixels, print max |diff|")
     p.add_argument("--verify-in", default="pt,tf,flax", help="frameworks for --verify (default pt,tf,flax: those that import)")
@@ -35,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         fmt, conv = read_source(args.src, args.src_format, num_heads=args.num_heads, num_labels=args.num_labels,
-                                exact_gelu=args.exact_gelu)
+                                exact_gelu=args.exact_gelu, num_groups=args.num_groups)
         how = "read" if args.src_format else "detected and read"
         print(f"{how} {args.src} as {fmt} checkpoint: {conv.summary()}")
         files = convert_to(conv, args.dst, args.dst_format, progress=sys.stderr, force_progress=args.progress)

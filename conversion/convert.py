@@ -98,9 +98,14 @@ def convert_to(conv: Converted, dst: str | os.PathLike[str], fmt: str = "hf", *,
 
 
 # ------------------------------------------------------------------------------- verification
-_MAIN_OUTPUT = {"ViTForImageClassification": "logits", "ViTModel": "last_hidden_state",
-                "ViTForMaskedImageModeling": "reconstruction"}
 _FRAMEWORKS = {"pt": ("vit_torch", ""), "tf": ("vit_tf", "TF"), "flax": ("vit_flax", "Flax")}
+
+
+def _main_output(model_class: str) -> str:
+    """The field ``--verify`` compares: logits, the reconstruction, or the bare model's last hidden state."""
+    if model_class.endswith("ForImageClassification"):
+        return "logits"
+    return "reconstruction" if model_class.endswith("ForMaskedImageModeling") else "last_hidden_state"
 
 
 def _torch_reference(conv: Converted, pixels: np.ndarray) -> np.ndarray:
@@ -112,14 +117,14 @@ def _torch_reference(conv: Converted, pixels: np.ndarray) -> np.ndarray:
     state = {k: torch.from_numpy(np.array(conv.state[k], dtype=np.float32)) for k in conv.state}
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
-        return getattr(model(torch.from_numpy(pixels)), _MAIN_OUTPUT[conv.model_class]).numpy()
+        return getattr(model(torch.from_numpy(pixels)), _main_output(conv.model_class)).numpy()
 
 
 def _run_framework(name: str, conv: Converted, folder: Path, pixels: np.ndarray) -> np.ndarray:
     module, prefix = _FRAMEWORKS[name]
     cls = getattr(importlib.import_module(module), prefix + conv.model_class)
     model = cls.from_pretrained(folder, **conv.flags)
-    field = _MAIN_OUTPUT[conv.model_class]
+    field = _main_output(conv.model_class)
     if name == "pt":
         import torch
 
@@ -140,13 +145,17 @@ def verify(conv: Converted, folder: str | os.PathLike[str], frameworks: Iterable
     for name in frameworks:
         if name not in _FRAMEWORKS:
             raise ValueError(f"unknown framework {name!r}; choose from {list(_FRAMEWORKS)}")
+        module, prefix = _FRAMEWORKS[name]
         try:
-            importlib.import_module(_FRAMEWORKS[name][0])
+            imported = importlib.import_module(module)
         except Exception as e:  # an extra not installed, or a framework that fails to import
             log(f"verify: skipping {name} ({type(e).__name__}: {e})")
+            continue
+        if not hasattr(imported, prefix + conv.model_class):
+            log(f"verify: skipping {name} ({module} has no {prefix + conv.model_class})")
             continue
         with contextlib.redirect_stdout(sys.stderr):
             got = _run_framework(name, conv, Path(folder), pixels)
         out[name] = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
-        log(f"verify: {name}: max |{_MAIN_OUTPUT[conv.model_class]} - source| = {out[name]:.3g}")
+        log(f"verify: {name}: max |{_main_output(conv.model_class)} - source| = {out[name]:.3g}")
     return out

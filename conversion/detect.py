@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -11,16 +12,19 @@ import numpy as np
 
 from vit_core.checkpoint import WEIGHT_FILES, read_checkpoint
 from vit_core.config import CONFIG_NAME, ViTConfig
+from vit_core.config_hybrid import ViTHybridConfig
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import BASE_MODEL_PREFIX
 
-from .common import Converted, LazyState, model_class_of
+from .common import Converted, LazyState, class_name, model_class_of
 
 __all__ = ["SOURCE_FORMATS", "detect_format", "read_source", "read_hf"]
 
 #: ``--from`` values.
 SOURCE_FORMATS: tuple[str, ...] = ("hf", "timm", "npz", "big_vision")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+#: ``config.json`` ``model_type`` → config class.
+_CONFIG_CLASSES: dict[str, type[ViTConfig]] = {c.model_type: c for c in (ViTConfig, ViTHybridConfig)}
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -53,19 +57,29 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise CheckpointError(f"{p}: unknown file type {p.suffix!r}; pass --from ({'|'.join(SOURCE_FORMATS)})")
 
 
+def _config_class(folder: Path) -> type[ViTConfig]:
+    """The config class named by ``folder/config.json``'s ``model_type`` (``ViTConfig`` when the file
+    is unreadable or names another type: its own ``from_pretrained`` then reports the problem)."""
+    try:
+        model_type = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return ViTConfig
+    return _CONFIG_CLASSES.get(model_type, ViTConfig)
+
+
 def read_hf(path: str | os.PathLike[str], *, num_labels: int | None = None) -> Converted:
     """An HF folder (safetensors, bin, tf_model.h5 or flax_model.msgpack) as canonical tensors."""
     p = Path(path)
-    config = ViTConfig.from_pretrained(p)
+    config = _config_class(p).from_pretrained(p)
     state = read_checkpoint(p)
     shapes = state.shapes()
-    model_class, flags = model_class_of(shapes)
-    if num_labels is not None and model_class == "ViTForImageClassification":
+    model_class, flags = model_class_of(shapes, config)
+    if num_labels is not None and model_class.endswith("ForImageClassification"):
         classes = shapes.get("classifier.weight", (0,))[0]
         if num_labels == 0:  # drop the head: the backbone without a pooler
             shapes = {k.removeprefix(f"{BASE_MODEL_PREFIX}."): v for k, v in shapes.items() if not k.startswith("classifier.")}
             config = config.copy(num_labels=0)
-            model_class, flags = "ViTModel", {"add_pooling_layer": False}
+            model_class, flags = class_name(config, "Model"), {"add_pooling_layer": False}
             entries = {k: (v, lambda k=k: np.asarray(state[f"{BASE_MODEL_PREFIX}.{k}"])) for k, v in shapes.items()}
             out = Converted(config, model_class, LazyState(state.source, entries), flags)
             out.check()
@@ -81,14 +95,16 @@ def read_hf(path: str | os.PathLike[str], *, num_labels: int | None = None) -> C
 def read_source(path: str | os.PathLike[str], fmt: str | None = None, **options: Any) -> tuple[str, Converted]:
     """Read ``path`` as ``fmt`` (detected when ``None``); returns (format, converted).
 
-    ``options``: ``num_heads`` (timm, npz), ``num_labels`` (all), ``exact_gelu`` (npz, big_vision).
-    Options that do not apply to the format are ignored when ``None``/``False`` and refused otherwise.
+    ``options``: ``num_heads`` (timm, npz), ``num_labels`` (all), ``exact_gelu`` (npz, big_vision),
+    ``num_groups`` (timm and npz hybrids). Options that do not apply to the format are ignored when
+    ``None``/``False`` and refused otherwise.
     """
     fmt = fmt or detect_format(path)
     if fmt not in SOURCE_FORMATS:
         raise ValueError(f"source format must be one of {list(SOURCE_FORMATS)}, got {fmt!r}")
-    allowed = {"hf": {"num_labels"}, "timm": {"num_heads", "num_labels"},
-               "npz": {"num_heads", "num_labels", "exact_gelu"}, "big_vision": {"num_heads", "num_labels", "exact_gelu"}}
+    allowed = {"hf": {"num_labels"}, "timm": {"num_heads", "num_labels", "num_groups"},
+               "npz": {"num_heads", "num_labels", "exact_gelu", "num_groups"},
+               "big_vision": {"num_heads", "num_labels", "exact_gelu"}}
     bad = sorted(k for k, v in options.items() if v not in (None, False) and k not in allowed[fmt])
     if bad:
         raise ValueError(f"option(s) {bad} do not apply to {fmt} checkpoints")

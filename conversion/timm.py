@@ -10,6 +10,16 @@ average pooling, layer scale, no class token, distillation token, qk-norm, atten
 pre-norm (``norm_pre``) and a pre-logits layer. A pos_embed without the class-token row
 (timm's ``no_embed_class=True``) is accepted: a zero row is inserted for the class token, which
 is exact because timm then adds no position embedding to the class token.
+
+*Hybrids* (``vit_base_r50_s16_384``, ``vit_small_r26_s32_*``, ``vit_large_r50_s32_*``...): the patch
+embedding is timm's ``HybridEmbed``, a ResNetV2 backbone under ``patch_embed.backbone.`` (``stem.conv``
++ ``stem.norm``, then ``stages.S.blocks.U`` bottleneck units named as HF's: ``downsample.conv/norm``,
+``conv1..3``, ``norm1..3``) and a ``patch_size`` convolution ``patch_embed.proj`` over its last map.
+timm builds it (``_resnetv2``) with ``preact=False``, ``StdConv2dSame(eps=1e-8)`` (TF-SAME padding,
+(w-μ)/√(σ²+1e-8)), ``GroupNormAct(32, eps=1e-5)`` and a SAME max-pool, which are HF's BiT numbers
+exactly; the config is derived from the kernel shapes (:func:`~conversion.common.bit_config_from_units`).
+Refused by name: torchvision-style ResNet backbones (``resnet26d``/``resnet50d`` hybrids), stem-only
+backbones (``vit_*_r_s16_p8``), deep stems and pre-activation backbones.
 """
 
 from __future__ import annotations
@@ -24,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from vit_core.checkpoint import load_torch_state
-from vit_core.config import ViTConfig
+from vit_core.config_hybrid import BitConfig
 from vit_core.safetensors_io import CheckpointError, SafetensorsFile
 
-from .common import Converted, LazyState, UnsupportedFeatureError, heads_for_width
+from .common import (Converted, LazyState, UnsupportedFeatureError, backbone_rows, bit_config_from_units, class_name,
+                     heads_for_width, hybrid_image_size, make_config)
 
 __all__ = ["read_timm", "load_flat_state", "looks_like_timm"]
 
@@ -44,7 +55,21 @@ _REFUSED: list[tuple[str, str]] = [
     (r"\.attn\.[qv]_bias$", "separate q/v biases (BEiT-style q_bias / v_bias)"),
     (r"\.mlp\.norm\.", "norm inside the MLP (mlp.norm)"),
     (r"^patch_embed\.norm\.", "norm after the patch embedding (patch_embed.norm)"),
+    (r"^patch_embed\.backbone\.(conv1|bn1|layer\d)\.",
+     "a non-BiT CNN backbone (a ResNet such as resnet26d / resnet50d: patch_embed.backbone.conv1 / layer1)"),
+    (r"^patch_embed\.backbone\.conv\.", "a stem-only ResNetV2 backbone (patch_embed.backbone.conv, vit_*_r_s16_p8)"),
+    (r"^patch_embed\.backbone\.stem\.conv\d", "a deep ResNetV2 stem (patch_embed.backbone.stem.conv1/2/3)"),
+    (r"^patch_embed\.backbone\.norm\.", "a pre-activation ResNetV2 backbone (final norm patch_embed.backbone.norm)"),
 ]
+
+_BACKBONE = "patch_embed.backbone."
+_BACKBONE_PARAM = re.compile(
+    r"^patch_embed\.backbone\.(stem\.(conv\.weight|norm\.(weight|bias))|stages\.\d+\.blocks\.\d+\."
+    r"(downsample\.conv\.weight|downsample\.norm\.(weight|bias)|conv[123]\.weight|norm[123]\.(weight|bias)))$"
+)
+_UNIT_CONV3 = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.conv3\.weight$")
+#: timm's hybrid numerics (``StdConv2dSame(eps=1e-8)``, ``GroupNormAct(eps=1e-5)``): HF's BiT defaults.
+TIMM_BIT_NUMERICS = {"weight_standardization": "var_eps", "weight_standardization_eps": 1e-8, "group_norm_eps": 1e-5}
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _BLOCK_PARAMS = {
@@ -93,7 +118,7 @@ def _refuse(keys: set[str], path: object) -> None:
         hits = sorted(k for k in keys if re.search(pattern, k))
         if hits:
             raise UnsupportedFeatureError(
-                f"{path}: timm checkpoint uses {feature} (e.g. key {hits[0]!r}), which HF's ViT "
+                f"{path}: timm checkpoint uses {feature} (e.g. key {hits[0]!r}), which HF's ViT / ViT Hybrid "
                 "architecture does not have; it cannot be converted exactly"
             )
     if "cls_token" not in keys:
@@ -101,10 +126,30 @@ def _refuse(keys: set[str], path: object) -> None:
             f"{path}: timm checkpoint has no class token (cls_token missing: class_token=False / global "
             "pooling); HF's ViT classifies from a class token"
         )
-    unknown = sorted(k for k in keys if k not in _TOP_PARAMS
+    if any(k.startswith(_BACKBONE) for k in keys) and f"{_BACKBONE}stem.norm.weight" not in keys:
+        raise UnsupportedFeatureError(
+            f"{path}: timm hybrid backbone has no stem norm ({_BACKBONE}stem.norm missing): a pre-activation "
+            "ResNetV2 backbone, which timm's hybrids never use and this reader does not map"
+        )
+    unknown = sorted(k for k in keys if k not in _TOP_PARAMS and not _BACKBONE_PARAM.match(k)
                      and not ((m := _BLOCK.match(k)) and m.group(2) in _BLOCK_PARAMS))
     if unknown:
-        raise UnsupportedFeatureError(f"{path}: unrecognised timm keys (not a plain ViT): {unknown[:8]}")
+        raise UnsupportedFeatureError(f"{path}: unrecognised timm keys (not a plain or BiT-hybrid ViT): {unknown[:8]}")
+
+
+def _backbone_key(name: str) -> str:
+    """A canonical BiT name (below ``...backbone.bit.``) → timm's ResNetV2 name (below ``patch_embed.backbone.``)."""
+    name = name.replace("embedder.convolution.", "stem.conv.").replace("embedder.norm.", "stem.norm.")
+    return _BACKBONE + re.sub(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2.", name)
+
+
+def _backbone_config(keys: set[str], shape: Callable[[str], tuple[int, ...]], path: object,
+                     num_groups: int | None) -> BitConfig:
+    """The BiT backbone of a timm hybrid, from its stem and ``conv3`` (out, mid, 1, 1) kernel shapes."""
+    stem, channels, _, _ = shape(f"{_BACKBONE}stem.conv.weight")
+    units = {(int(m.group(1)), int(m.group(2))): shape(k)[1::-1] for k in keys if (m := _UNIT_CONV3.match(k))}
+    return bit_config_from_units(path, num_channels=channels, embedding_size=stem, units=units,
+                                 num_groups=num_groups, **TIMM_BIT_NUMERICS)
 
 
 def read_timm(
@@ -113,11 +158,13 @@ def read_timm(
     num_heads: int | None = None,
     num_labels: int | None = None,
     image_size: int | tuple[int, int] | None = None,
+    num_groups: int | None = None,
 ) -> Converted:
-    """Read a timm ViT state dict (``.pth`` / ``.bin`` / ``.safetensors``).
+    """Read a timm ViT or BiT-hybrid ViT state dict (``.pth`` / ``.bin`` / ``.safetensors``).
 
-    ``num_labels``: ``None`` keeps the head as found; ``0`` drops it (→ ``ViTModel``); any other
-    value must equal the head's class count. ``image_size`` is needed only for non-square grids.
+    ``num_labels``: ``None`` keeps the head as found; ``0`` drops it (→ ``ViTModel`` /
+    ``ViTHybridModel``); any other value must equal the head's class count. ``image_size`` is needed
+    only for non-square grids. ``num_groups``: the hybrid backbone's GroupNorm groups (default 32).
     """
     path = Path(path)
     raw = load_flat_state(path)
@@ -130,6 +177,12 @@ def read_timm(
         return raw.shape(k) if isinstance(raw, SafetensorsFile) else tuple(raw[k].shape)
 
     width, channels, patch, _ = shape("patch_embed.proj.weight")
+    bit = None
+    if any(k.startswith(_BACKBONE) for k in keys):
+        bit = _backbone_config(keys, shape, path, num_groups)
+        channels = bit.num_channels  # the projection reads the feature map, not the pixels
+    elif num_groups is not None:
+        raise CheckpointError(f"{path}: num_groups applies to hybrid (CNN backbone) checkpoints only; this is a plain ViT")
     depth = 1 + max(int(m.group(1)) for k in keys if (m := _BLOCK.match(k)))
     mlp = shape("blocks.0.mlp.fc1.weight")[0]
     heads = heads_for_width(width, num_heads, path)
@@ -146,9 +199,11 @@ def read_timm(
                 raise CheckpointError(
                     f"{path}: pos_embed has {tokens} rows, not a square grid (+1 class token); pass image_size"
                 )
-        image_size = grid * patch
+        image_size = grid * patch if bit is None else hybrid_image_size(bit, patch, grid * grid, path)
     else:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if bit is not None:
+            _, h, w = bit.feature_shape(h, w)
         n = (h // patch) * (w // patch)
         if tokens not in (n, n + 1):
             raise CheckpointError(f"{path}: pos_embed has {tokens} rows; image_size {image_size} needs {n + 1}")
@@ -161,12 +216,12 @@ def read_timm(
             "untrained head (pass 0 to drop the head, or omit it)"
         )
     classes = head_classes if num_labels is None else num_labels
-    config = ViTConfig(
-        hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
+    config = make_config(
+        bit, hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
         hidden_act="gelu", layer_norm_eps=1e-6, image_size=image_size, patch_size=patch,
-        num_channels=channels, qkv_bias=qkv_bias, encoder_stride=patch, num_labels=classes,
+        num_channels=channels, qkv_bias=qkv_bias, num_labels=classes,
     )
-    model_class = "ViTForImageClassification" if classes else "ViTModel"
+    model_class = class_name(config, "ForImageClassification" if classes else "Model")
     flags = {} if classes else {"add_pooling_layer": False}
     prefix = "vit." if classes else ""
 
@@ -187,6 +242,9 @@ def read_timm(
         take(f"{prefix}embeddings.patch_embeddings.projection.bias", "patch_embed.proj.bias")
     else:  # bias=False: a zero bias is the same function
         entries[f"{prefix}embeddings.patch_embeddings.projection.bias"] = ((width,), lambda: np.zeros(width, np.float32))
+    if bit is not None:
+        for spec, key in backbone_rows(bit, prefix, _backbone_key, (k for k in keys if k.startswith(_BACKBONE)), path):
+            take(spec.name, key)
     for i in range(depth):
         src, dst = f"blocks.{i}", f"{prefix}encoder.layer.{i}"
         for j, proj in enumerate(("query", "key", "value")):

@@ -54,7 +54,8 @@ class WeightStandardizedConv2d(nn.Conv2d):
         return self._cached[1]
 
     def _standardize(self) -> torch.Tensor:
-        w = self.weight.float().reshape(1, self.out_channels, -1)
+        w = self.weight if self.weight.dtype == torch.float64 else self.weight.float()  # never below fp32
+        w = w.reshape(1, self.out_channels, -1)
         if self.formula == "var_eps":  # the same kernel as HF's (batch statistics over each output channel)
             w = F.batch_norm(w, None, None, training=True, momentum=0.0, eps=self.eps)
         else:
