@@ -255,3 +255,21 @@ def test_hf_rejects_valid_padding_too():
 def test_vit_classes_refuse_a_hybrid_config():
     with pytest.raises(TypeError, match="config must be a ViTConfig"):
         vit_torch.ViTModel(ViTHybridConfig(image_size=384))
+
+
+@pytest.mark.parametrize("layer_type", ["bottleneck", "preactivation"])
+@pytest.mark.parametrize("padding, dynamic", [(None, False), (None, True), ("SAME", False), ("SAME", True)])
+def test_backbone_geometry_matches_hf(layer_type, padding, dynamic):
+    """``BitConfig.feature_shapes`` (the one geometry every framework sizes its position embeddings and checks
+    from) equals the shapes HF's BitBackbone produces, at odd and non-square sizes and with dilation."""
+    import transformers
+
+    for output_stride in (8, 32):
+        fields = dict(global_padding=padding, embedding_dynamic_padding=dynamic, layer_type=layer_type,
+                      depths=[1, 2, 1], hidden_sizes=[32, 64, 128], embedding_size=16, num_groups=4,
+                      out_features=["stage2", "stage3"], output_stride=output_stride)
+        hf = transformers.BitBackbone(transformers.BitConfig(**fields)).eval()
+        for hw in [(64, 64), (37, 53), (33, 20)]:
+            with torch.no_grad():
+                theirs = [tuple(x.shape[1:]) for x in hf(torch.zeros(1, 3, *hw), output_hidden_states=True).hidden_states]
+            assert BitConfig(**fields).feature_shapes(*hw) == theirs, (fields, hw)
