@@ -69,8 +69,8 @@ _CHILD = textwrap.dedent("""
             pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     src, dst, fmt = sys.argv[1:4]
-    from vit_core.cli import main
-    import conversion.cli, conversion.convert, conversion.detect, conversion.timm, conversion.hf_tf  # noqa
+    from trivit.cli import main
+    import trivit.convert, conversion.convert, conversion.detect, conversion.timm, conversion.hf_tf  # noqa
     import h5py  # noqa: F401  (the h5 reader/writer's dependency)
     if fmt == "flax-msgpack" or "flax" in os.path.basename(src):
         import flax.serialization  # noqa: F401  (imports jax)

@@ -1,4 +1,6 @@
-"""Write a :class:`Converted` in a target format, atomically, and verify it numerically.
+"""Write a :class:`Converted` in a target format, atomically.
+
+(Verifying a conversion numerically runs models, so it lives above the frameworks: ``trivit.convert.verify``.)
 
 Atomicity of the destination: everything is written into a fresh sibling folder
 ``.DST.convert-XXXX`` which is renamed to ``DST`` only when complete; on any error it is
@@ -7,13 +9,10 @@ removed, so a failed conversion leaves no ``DST`` at all. ``DST`` must not exist
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -24,7 +23,7 @@ from vit_core.pretrained import saved_config_dict
 
 from .common import Converted
 
-__all__ = ["TARGET_FORMATS", "write_converted", "convert_to", "verify"]
+__all__ = ["TARGET_FORMATS", "write_converted", "convert_to"]
 
 #: ``--to`` value → number of times the writer materialises each tensor (for the progress count).
 TARGET_FORMATS: dict[str, int] = {"hf": 2, "tf-h5": 1, "flax-msgpack": 1}  # hf: header pass + data pass
@@ -95,67 +94,3 @@ def convert_to(conv: Converted, dst: str | os.PathLike[str], fmt: str = "hf", *,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return [dst / p.name for p in written]
-
-
-# ------------------------------------------------------------------------------- verification
-_FRAMEWORKS = {"pt": ("vit_torch", ""), "tf": ("vit_tf", "TF"), "flax": ("vit_flax", "Flax")}
-
-
-def _main_output(model_class: str) -> str:
-    """The field ``--verify`` compares: logits, the reconstruction, or the bare model's last hidden state."""
-    if model_class.endswith("ForImageClassification"):
-        return "logits"
-    return "reconstruction" if model_class.endswith("ForMaskedImageModeling") else "last_hidden_state"
-
-
-def _torch_reference(conv: Converted, pixels: np.ndarray) -> np.ndarray:
-    import torch
-
-    import vit_torch
-
-    model = getattr(vit_torch, conv.model_class)(conv.config, **conv.flags).eval()
-    state = {k: torch.from_numpy(np.array(conv.state[k], dtype=np.float32)) for k in conv.state}
-    model.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        return getattr(model(torch.from_numpy(pixels)), _main_output(conv.model_class)).numpy()
-
-
-def _run_framework(name: str, conv: Converted, folder: Path, pixels: np.ndarray) -> np.ndarray:
-    module, prefix = _FRAMEWORKS[name]
-    cls = getattr(importlib.import_module(module), prefix + conv.model_class)
-    model = cls.from_pretrained(folder, **conv.flags)
-    field = _main_output(conv.model_class)
-    if name == "pt":
-        import torch
-
-        with torch.no_grad():
-            return getattr(model.eval()(torch.from_numpy(pixels)), field).numpy()
-    return np.asarray(getattr(model(pixels), field))
-
-
-def verify(conv: Converted, folder: str | os.PathLike[str], frameworks: Iterable[str] = ("pt", "tf", "flax"),
-           *, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Run the source weights (in vit_torch, from memory) and the written folder (in each framework
-    that imports) on the same random pixels; returns ``{framework: max abs difference}``."""
-    c = conv.config
-    h, w = c.image_hw
-    pixels = np.random.default_rng(seed).standard_normal((2, c.num_channels, h, w)).astype(np.float32)
-    ref = _torch_reference(conv, pixels)
-    out: dict[str, float] = {}
-    for name in frameworks:
-        if name not in _FRAMEWORKS:
-            raise ValueError(f"unknown framework {name!r}; choose from {list(_FRAMEWORKS)}")
-        module, prefix = _FRAMEWORKS[name]
-        try:
-            imported = importlib.import_module(module)
-        except Exception as e:  # an extra not installed, or a framework that fails to import
-            log(f"verify: skipping {name} ({type(e).__name__}: {e})")
-            continue
-        if not hasattr(imported, prefix + conv.model_class):
-            log(f"verify: skipping {name} ({module} has no {prefix + conv.model_class})")
-            continue
-        with contextlib.redirect_stdout(sys.stderr):
-            got = _run_framework(name, conv, Path(folder), pixels)
-        out[name] = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
-        log(f"verify: {name}: max |{_main_output(conv.model_class)} - source| = {out[name]:.3g}")
-    return out

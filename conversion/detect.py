@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from vit_core.checkpoint import WEIGHT_FILES, read_checkpoint
+from vit_core.checkpoint import WEIGHT_FILES
 from vit_core.config import CONFIG_NAME, ViTConfig
 from vit_core.config_hybrid import ViTHybridConfig
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import BASE_MODEL_PREFIX
 
 from .common import Converted, LazyState, class_name, model_class_of
+from .loading import read_checkpoint
 
 __all__ = ["SOURCE_FORMATS", "detect_format", "read_source", "read_hf"]
 

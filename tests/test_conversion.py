@@ -34,8 +34,8 @@ from conversion import (
     write_tf_h5,
 )
 from conversion.detect import read_hf
-from vit_core.checkpoint import read_checkpoint
-from vit_core.cli import main
+from conversion.loading import read_checkpoint
+from trivit.cli import main
 from vit_core.config import ViTConfig
 from vit_core.safetensors_io import CheckpointError
 

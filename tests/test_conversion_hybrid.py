@@ -25,8 +25,8 @@ from conversion.detect import detect_format, read_hf
 from frameworks import ADAPTERS
 from settings import ATOL
 from test_conversion import DEPTH, HEADS, D, _fw_out, _record, jax_params, jax_reference, timm_reference, timm_state
-from vit_core.checkpoint import read_checkpoint
-from vit_core.cli import main
+from conversion.loading import read_checkpoint
+from trivit.cli import main
 from vit_core.config_hybrid import ViTHybridConfig
 from vit_core.safetensors_io import CheckpointError
 

@@ -9,18 +9,18 @@ Canonical layout (what every framework writes, and HF transformers 4.x PyTorch r
 
 Reading also accepts ``pytorch_model.bin`` (+ ``.index.json``), loaded with
 ``torch.load(weights_only=True)`` only: no pickled code ever runs. HF 4.x TensorFlow
-(``tf_model.h5``, read with h5py) and Flax (``flax_model.msgpack``, read with flax's msgpack
-decoder) folders are read too, converted to canonical names and layouts by the lazily imported
-``conversion`` package (so this module still imports nothing heavy). Preference when several are
-present: ``model.safetensors``, its index, ``pytorch_model.bin``, its index, ``tf_model.h5``,
-``flax_model.msgpack``.
+(``tf_model.h5``) and Flax (``flax_model.msgpack``) folders need converting to canonical names and
+layouts; the core does not convert (it imports no converter), so :func:`read_checkpoint` opens them
+only through readers its caller passes (the conversion layer's ``read_checkpoint`` does, and the
+frameworks' ``from_pretrained`` use that). Preference when several are present:
+``model.safetensors``, its index, ``pytorch_model.bin``, its index, ``tf_model.h5``, ``flax_model.msgpack``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,19 +151,27 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _read_foreign(path: Path) -> Mapping[str, np.ndarray]:
-    """HF TF / Flax weights, converted lazily by ``conversion`` (imported only when needed)."""
-    if path.suffix == ".h5":
-        from conversion.hf_tf import read_tf_h5_state
-
-        return read_tf_h5_state(path)
-    from conversion.hf_flax import read_flax_msgpack_state
-
-    return read_flax_msgpack_state(path)
+#: Per-suffix readers for weight files the core cannot decode itself: ``{suffix: reader(path)}``.
+ForeignReaders = Mapping[str, Callable[[Path], Mapping[str, np.ndarray]]]
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointState:
-    """Open a checkpoint directory (or one weight file) for lazy reading."""
+def _read_foreign(path: Path, readers: ForeignReaders | None) -> Mapping[str, np.ndarray]:
+    """HF TF / Flax weights, through a reader the caller passed (the core has none of its own)."""
+    reader = (readers or {}).get(path.suffix)
+    if reader is None:
+        raise CheckpointError(
+            f"{path}: HF TensorFlow / Flax weights need converting to canonical names; open them with "
+            "conversion.loading.read_checkpoint (vit_core.checkpoint reads safetensors and pytorch_model.bin only)"
+        )
+    return reader(path)
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, readers: ForeignReaders | None = None) -> CheckpointState:
+    """Open a checkpoint directory (or one weight file) for lazy reading.
+
+    ``readers`` decode the weight files the core cannot (``{".h5": ..., ".msgpack": ...}``); without
+    them such a file is a :class:`CheckpointError`.
+    """
     p = Path(path)
     file = find_weights(p) if p.is_dir() else p
     if not file.is_file():
@@ -173,7 +181,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointState:
     else:
         shards = [file]
     parts: list[Mapping[str, np.ndarray]] = [
-        SafetensorsFile(s) if s.suffix == ".safetensors" else _read_foreign(s) if s.suffix in (".h5", ".msgpack")
+        SafetensorsFile(s) if s.suffix == ".safetensors"
+        else _read_foreign(s, readers) if s.suffix in (".h5", ".msgpack")
         else _read_torch_bin(s)
         for s in shards
     ]

@@ -19,8 +19,14 @@ import numpy as np
 from vit_core.checkpoint import write_checkpoint
 from vit_core.checks import check_config_type
 from vit_core.config import ViTConfig
-from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
+from vit_core.imports import import_trivit
+from vit_core.pretrained import saved_config_dict
 from vit_core.weights import Init, Kind, ParamSpec, from_kernel_layout, param_specs, to_kernel_layout
+
+# Checkpoints are opened by the conversion layer (every format; see conversion/loading.py); a user's
+# conversion.py that shadows it is named in the ImportError rather than failing obscurely.
+_loading = import_trivit("conversion.loading")
+match_checkpoint, resolve_pretrained_args = _loading.match_checkpoint, _loading.resolve_pretrained_args
 
 __all__ = ["ACT2FN", "param_path", "FlaxPreTrainedModel", "to_dtype", "stack_layers", "unstack_layers"]
 

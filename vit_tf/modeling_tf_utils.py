@@ -23,9 +23,15 @@ from keras import ops
 from vit_core.checkpoint import write_checkpoint
 from vit_core.checks import check_config_type, head_mask_layers
 from vit_core.config import ViTConfig
+from vit_core.imports import import_trivit
 from vit_core.outputs import ModelOutput
-from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
+from vit_core.pretrained import saved_config_dict
 from vit_core.weights import Kind, ParamSpec, from_kernel_layout, initial_value, param_specs, to_kernel_layout
+
+# Checkpoints are opened by the conversion layer (every format; see conversion/loading.py); a user's
+# conversion.py that shadows it is named in the ImportError rather than failing obscurely.
+_loading = import_trivit("conversion.loading")
+match_checkpoint, resolve_pretrained_args = _loading.match_checkpoint, _loading.resolve_pretrained_args
 
 __all__ = [
     "TFPreTrainedModel", "ViTConfigSerializable", "activation", "resolve_variable", "register", "KIND_TO_VARIABLE",

@@ -18,9 +18,15 @@ from torch import nn
 from vit_core.checkpoint import write_checkpoint
 from vit_core.checks import check_config_type, head_mask_layers
 from vit_core.config import ViTConfig
+from vit_core.imports import import_trivit
 from vit_core.safetensors_io import RawTensor
-from vit_core.pretrained import match_checkpoint, resolve_pretrained_args, saved_config_dict
+from vit_core.pretrained import saved_config_dict
 from vit_core.weights import Init, ParamSpec, param_specs
+
+# Checkpoints are opened by the conversion layer (every format; see conversion/loading.py); a user's
+# conversion.py that shadows it is named in the ImportError rather than failing obscurely.
+_loading = import_trivit("conversion.loading")
+match_checkpoint, resolve_pretrained_args = _loading.match_checkpoint, _loading.resolve_pretrained_args
 
 __all__ = ["TorchPreTrainedModel", "activation", "resolve_dtype"]
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="folder to keep the checkpoint in (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
-    from conversion.cli import add_parser as add_convert_parser  # light: heavy deps load on use
+    from .convert import add_parser as add_convert_parser  # light: heavy deps load on use
 
     add_convert_parser(sub)
     args = parser.parse_args(argv)
