@@ -161,6 +161,11 @@ class ViTConfig:
         return gh * gw
 
     @property
+    def feature_channels(self) -> int:
+        """Channels of the map the patch projection reads: the image's (the hybrid's backbone map has its own)."""
+        return self.num_channels
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 

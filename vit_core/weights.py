@@ -125,11 +125,10 @@ def bit_specs(bit: BitConfig, prefix: str = "") -> list[ParamSpec]:
 def _patch_embedding_specs(config: ViTConfig) -> list[ParamSpec]:
     """The patch embedding: a p×p conv over the pixels (ViT), or the BiT backbone then a p×p conv over
     its feature map (hybrid; HF nests the backbone as ``patch_embeddings.backbone.bit``)."""
-    d, p = config.hidden_size, config.patch_size
-    if isinstance(config, ViTHybridConfig):
-        rows = bit_specs(config.bit, prefix="embeddings.patch_embeddings.backbone.bit.")
-        return rows + _conv("embeddings.patch_embeddings.projection", d, config.feature_channels, p)
-    return _conv("embeddings.patch_embeddings.projection", d, config.num_channels, p)
+    rows = bit_specs(config.bit, prefix="embeddings.patch_embeddings.backbone.bit.") \
+        if isinstance(config, ViTHybridConfig) else []
+    return rows + _conv("embeddings.patch_embeddings.projection", config.hidden_size, config.feature_channels,
+                        config.patch_size)
 
 
 def vit_backbone_specs(

@@ -32,7 +32,7 @@ class ViTPatchEmbeddings(nn.Module):
         self.patch_size = (config.patch_size, config.patch_size)
         self.num_channels = config.num_channels
         self.num_patches = config.num_patches
-        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.projection = nn.Conv2d(config.feature_channels, config.hidden_size, config.patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         check_pixel_values(pixel_values.shape, self.config, interpolate_pos_encoding)

@@ -8,29 +8,22 @@ it to (B, N, D) tokens, N = (h' // p)·(w' // p), and from there on everything i
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from vit_core.checks import check_pixel_values
 from vit_core.config_hybrid import ViTHybridConfig
 
 from .modeling_bit import BitBackbone
-from .modeling_vit import ViTEmbeddings, ViTForImageClassification, ViTModel, ViTPreTrainedModel
+from .modeling_vit import ViTEmbeddings, ViTForImageClassification, ViTModel, ViTPatchEmbeddings, ViTPreTrainedModel
 
 __all__ = ["ViTHybridModel", "ViTHybridForImageClassification", "ViTHybridPreTrainedModel"]
 
 
-class ViTHybridPatchEmbeddings(nn.Module):
+class ViTHybridPatchEmbeddings(ViTPatchEmbeddings):
     """(B, C, H, W) → BiT feature map (B, C', h', w') → p×p stride-p conv → (B, N, D), row-major."""
 
     def __init__(self, config: ViTHybridConfig):
-        super().__init__()
-        self.config = config
-        self.image_size = config.image_hw
-        self.patch_size = (config.patch_size, config.patch_size)
-        self.num_channels = config.num_channels
-        self.num_patches = config.num_patches
+        super().__init__(config)  # the projection reads config.feature_channels (C')
         self.backbone = BitBackbone(config.bit)
-        self.projection = nn.Conv2d(config.feature_channels, config.hidden_size, config.patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         check_pixel_values(pixel_values.shape, self.config, interpolate_pos_encoding)
