@@ -23,6 +23,7 @@ from keras import ops
 from vit_core.checkpoint import write_checkpoint
 from vit_core.checks import check_config_type, head_mask_layers
 from vit_core.config import ViTConfig
+from vit_core.config_hybrid import BitConfig, ViTHybridConfig
 from vit_core.imports import import_trivit
 from vit_core.outputs import ModelOutput
 from vit_core.pretrained import saved_config_dict
@@ -46,9 +47,15 @@ def register(cls: type) -> type:
     return keras.saving.register_keras_serializable(package=KERAS_PACKAGE)(cls)
 
 
-def config_to_dict(config: ViTConfig) -> dict[str, Any]:
-    """JSON-able ViTConfig, runtime fields included (``to_dict`` omits ``attn_implementation``, as HF does)."""
+def config_to_dict(config: ViTConfig | BitConfig) -> dict[str, Any]:
+    """JSON-able config, runtime fields included (``to_dict`` omits ``attn_implementation``, as HF does)."""
+    if isinstance(config, BitConfig):
+        return config.to_dict()
     return {**config.to_dict(), "attn_implementation": config.attn_implementation}
+
+
+#: ``model_type`` → config class, for :meth:`ViTConfigSerializable.from_config`.
+CONFIG_CLASSES: dict[str, type] = {c.model_type: c for c in (ViTConfig, ViTHybridConfig, BitConfig)}
 
 
 @contextlib.contextmanager
@@ -68,14 +75,15 @@ def _global_policy(policy: Any) -> Iterator[None]:
 
 
 class ViTConfigSerializable:
-    """``get_config`` / ``from_config`` for Keras classes whose first argument is a :class:`ViTConfig`.
+    """``get_config`` / ``from_config`` for Keras classes whose first argument is a config
+    (:class:`ViTConfig`, :class:`ViTHybridConfig` or the backbone's :class:`BitConfig`, told apart by ``model_type``).
 
     The config travels as its JSON dict under ``"config"``; other constructor options are named by
     :meth:`_init_options`. ``from_config`` builds under the saved dtype policy, so the sublayers (which
     take the global policy) come back in the same precision.
     """
 
-    config: ViTConfig
+    config: ViTConfig | BitConfig
 
     def _init_options(self) -> dict[str, Any]:
         return {}
@@ -87,8 +95,8 @@ class ViTConfigSerializable:
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:  # noqa: ARG003
         config = dict(config)
         vit_config = config.pop("config")
-        if not isinstance(vit_config, ViTConfig):
-            vit_config = ViTConfig.from_dict(vit_config)
+        if not isinstance(vit_config, (ViTConfig, BitConfig)):
+            vit_config = CONFIG_CLASSES[vit_config.get("model_type", ViTConfig.model_type)].from_dict(vit_config)
         policy = config.pop("dtype", None)
         if isinstance(policy, dict):
             policy = keras.dtype_policies.deserialize(policy)

@@ -107,10 +107,13 @@ class TFViTPatchEmbeddings(ViTConfigSerializable, keras.layers.Layer):
 class TFViTEmbeddings(ViTConfigSerializable, keras.layers.Layer):
     """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
 
+    #: The layer turning pixels into (B, N, D) tokens (the hybrid's: a BiT backbone, then the projection).
+    patch_embeddings_class: type[keras.layers.Layer] = TFViTPatchEmbeddings
+
     def __init__(self, config: ViTConfig, use_mask_token: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.use_mask_token = use_mask_token
-        self.patch_embeddings = TFViTPatchEmbeddings(config, name="patch_embeddings")
+        self.patch_embeddings = self.patch_embeddings_class(config, name="patch_embeddings")
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob, name="dropout")
         self.patch_size = config.patch_size
         self.config = config
@@ -130,10 +133,10 @@ class TFViTEmbeddings(ViTConfigSerializable, keras.layers.Layer):
         )
 
     def interpolate_pos_encoding(self, embeddings: Tensor, height: int, width: int) -> Tensor:
-        """Position embeddings (1, S, D) for an H×W input: the patch grid resized to (H//p, W//p)
-        with PyTorch's bicubic/bilinear kernel, as two matmuls (:func:`resize_matrix`)."""
-        grid = tuple(s // self.patch_size for s in self.config.image_hw)
-        new_grid = (height // self.patch_size, width // self.patch_size)
+        """Position embeddings (1, S, D) for an H×W input: the token grid (``config.feature_grid``: (H//p, W//p)
+        for the ViT) resized with PyTorch's bicubic/bilinear kernel, as two matmuls (:func:`resize_matrix`)."""
+        grid = self.config.feature_grid(*self.config.image_hw)
+        new_grid = self.config.feature_grid(height, width)
         if new_grid == grid:
             return self.position_embeddings
         cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
@@ -471,11 +474,13 @@ class TFViTPreTrainedModel(TFPreTrainedModel):
 class TFViTModel(TFViTPreTrainedModel):
     """The bare encoder. ``last_hidden_state`` (B, S, D) after the final norm; ``pooler_output``."""
 
+    embeddings_class: type[TFViTEmbeddings] = TFViTEmbeddings
+
     def __init__(
         self, config: ViTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False, **kwargs: Any
     ):
         super().__init__(config, **kwargs)
-        self.embeddings = TFViTEmbeddings(config, use_mask_token=use_mask_token, name="embeddings")
+        self.embeddings = self.embeddings_class(config, use_mask_token=use_mask_token, name="embeddings")
         self.encoder = TFViTEncoder(config, name="encoder")
         self.layernorm = _layer_norm(config, "layernorm")
         self.pooler = TFViTPooler(config, name="pooler") if add_pooling_layer else None
@@ -552,10 +557,12 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
     Unless hidden states or attentions are asked for, the last block computes the class token alone.
     """
 
+    base_model_class: type[TFViTModel] = TFViTModel
+
     def __init__(self, config: ViTConfig, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.num_labels = int(config.num_labels or 0)
-        self.vit = TFViTModel(config, add_pooling_layer=False, name="vit")
+        self.vit = self.base_model_class(config, add_pooling_layer=False, name="vit")
         self.classifier = (
             _dense(self.num_labels, "classifier") if self.num_labels else keras.layers.Identity(name="classifier")
         )
