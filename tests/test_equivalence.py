@@ -86,6 +86,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_checkpoint(tmp_path, case: Case, config: ViTConfig, seed: int = 0):
+    torch.manual_seed(seed)  # the initial values too: every run compares the same checkpoint
     model = getattr(vit_torch, case.model)(config, **case.flags)
     _randomise(model, seed)
     path = tmp_path / case.id

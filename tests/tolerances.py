@@ -16,6 +16,19 @@ FP32_ATOL = {"cpu": 1e-5, "cuda": 1e-5}
 #: measured flax vs pt, run-to-run jitter from threaded reductions), hence the second floor. Tiny-config cases
 #: keep the plain 1e-5 absolute bound.
 SCALE_BY_MAGNITUDE_FOR_FULL_SIZE = True
+#: Hybrid (BiT backbone) cases compare at the same magnitude-scaled bound, tiny configs included. Why: the
+#: backbone's unnormalised residual stream and the projection of its map give activations of |x| ~ 12-50
+#: (hidden_states ~ 12-17 in the tiny cases), where 1e-5 absolute is one or two fp32 ulps. Measured (CPU):
+#: vit_torch fp32 is 2.2e-5..3.4e-5 from vit_torch fp64 on those hidden states, and TF fp32 2.4e-5..3.5e-5,
+#: so tf vs pt reaches 3e-5 absolute (~2e-6 relative) without either being wrong. pt vs HF stays < 1e-6: the
+#: same torch kernels on both sides.
+HYBRID_SCALE_BY_MAGNITUDE = True
+#: google/vit-hybrid-base-bit-384's size (R50 + ViT-B, 577 tokens) is compared at this atol, magnitude-scaled.
+#: Why: fp32 itself is further from the exact answer than 1e-5 there. Measured (CPU, vit_torch fp32 vs the
+#: same model in fp64): 1.8e-4 on last_hidden_state (|x| 5.0, i.e. 3.7e-5 relative) and 9e-4..2.2e-3 on the
+#: hidden states (|x| 22..60, ~4e-5 relative); tf vs pt measured 1.7e-4 on last_hidden_state. pt vs HF runs
+#: the same kernels and stays at the plain bound in practice (0 measured).
+HYBRID_FULL_SIZE_ATOL = 1e-4
 #: Image processors: numpy float32 arithmetic on both sides, same PIL resize.
 PROCESSOR_ATOL = 1e-5
 #: TFLite's interpreter uses its own CPU kernels (XNNPACK); the issue's bound for the converted classifier.
