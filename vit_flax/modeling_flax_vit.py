@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -176,7 +176,9 @@ class FlaxViTPatchEmbeddings(_ViTModule):
     def setup(self) -> None:
         self.projection = FlaxViTPatchProjection(self.config.hidden_size, self.config.patch_size, **self._dtypes)
 
-    def __call__(self, pixel_values: Array, interpolate_pos_encoding: bool = False) -> Array:
+    def __call__(self, pixel_values: Array, interpolate_pos_encoding: bool = False,
+                 deterministic: bool = True) -> Array:
+        """``deterministic`` is unused here (the hybrid's backbone reads it, for drop path)."""
         check_pixel_values(_user_shape(pixel_values.shape), self.config, interpolate_pos_encoding)
         return self.projection(pixel_values)
 
@@ -185,22 +187,23 @@ class FlaxViTEmbeddings(_ViTModule):
     """Patch embeddings, optional mask tokens, class token, position embeddings: → (B, S, D)."""
 
     use_mask_token: bool = False
+    #: (B, H, W, C) → (B, N, D); the hybrid puts its backbone + projection here
+    patch_embeddings_class: ClassVar[type[nn.Module]] = FlaxViTPatchEmbeddings
 
     def setup(self) -> None:
         d, pd = self.config.hidden_size, self.param_dtype
         self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, d), pd)
         self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, d), pd) if self.use_mask_token \
             else None
-        self.patch_embeddings = FlaxViTPatchEmbeddings(self.config, **self._dtypes)
+        self.patch_embeddings = self.patch_embeddings_class(self.config, **self._dtypes)
         self.position_embeddings = self.param("position_embeddings", nn.initializers.zeros,
                                               (1, self.config.num_patches + 1, d), pd)
         self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, height: int, width: int) -> Array:
         """Position embeddings (1, S, D) for an H×W input: the grid resized with torch's kernel (two matmuls)."""
-        p, cfg = self.config.patch_size, self.config
-        grid = (cfg.image_hw[0] // p, cfg.image_hw[1] // p)
-        new_grid = (height // p, width // p)
+        cfg = self.config
+        grid, new_grid = cfg.feature_grid(*cfg.image_hw), cfg.feature_grid(height, width)
         pos = self.position_embeddings.astype(self.dtype)
         if new_grid == grid:
             return pos
@@ -213,7 +216,8 @@ class FlaxViTEmbeddings(_ViTModule):
 
     def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None,
                  interpolate_pos_encoding: bool = False, deterministic: bool = True) -> Array:
-        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                           deterministic=deterministic)
         b, h, w, _ = pixel_values.shape  # validated by the patch embedding
         if bool_masked_pos is not None:
             check_bool_masked_pos(bool_masked_pos.shape, b, embeddings.shape[1], self.use_mask_token)
@@ -454,9 +458,10 @@ class FlaxViTModule(_ViTModule):
     use_mask_token: bool = False
     gradient_checkpointing: bool = False
     scan_layers: bool = False
+    embeddings_class: ClassVar[type[FlaxViTEmbeddings]] = FlaxViTEmbeddings
 
     def setup(self) -> None:
-        self.embeddings = FlaxViTEmbeddings(self.config, use_mask_token=self.use_mask_token, **self._dtypes)
+        self.embeddings = self.embeddings_class(self.config, use_mask_token=self.use_mask_token, **self._dtypes)
         self.encoder = FlaxViTEncoder(self.config, gradient_checkpointing=self.gradient_checkpointing,
                                       scan_layers=self.scan_layers, **self._dtypes)
         self.layernorm = self._layer_norm()
@@ -507,11 +512,13 @@ class _HeadModule(_ViTModule):
 
     gradient_checkpointing: bool = False
     scan_layers: bool = False
+    #: the encoder the head reads (the hybrid's subclasses put theirs here)
+    base_model_class: ClassVar[type[FlaxViTModule]] = FlaxViTModule
 
     def _vit(self, use_mask_token: bool = False) -> FlaxViTModule:
-        return FlaxViTModule(self.config, add_pooling_layer=False, use_mask_token=use_mask_token,
-                             gradient_checkpointing=self.gradient_checkpointing, scan_layers=self.scan_layers,
-                             **self._dtypes)
+        return self.base_model_class(self.config, add_pooling_layer=False, use_mask_token=use_mask_token,
+                                     gradient_checkpointing=self.gradient_checkpointing, scan_layers=self.scan_layers,
+                                     **self._dtypes)
 
 
 class FlaxViTForImageClassificationModule(_HeadModule):
