@@ -142,3 +142,27 @@ def test_cached_standardised_weights_follow_every_change(tmp_path):
     model.to(torch.bfloat16)
     with torch.no_grad():
         assert model(x.bfloat16()).last_hidden_state.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layer_type", ["bottleneck", "preactivation"])
+def test_bit_backbone_feature_maps_match_hf(layer_type):
+    """vit_torch's BitBackbone with HF's BitBackbone weights: the same feature maps for several out_features."""
+    import transformers
+
+    from vit_core.config_hybrid import BitConfig
+    from vit_torch.modeling_bit import BitBackbone
+
+    fields = dict(BIT, layer_type=layer_type, out_features=["stem", "stage1", "stage3"])
+    torch.manual_seed(0)
+    hf = transformers.BitBackbone(transformers.BitConfig(**fields)).eval()
+    _randomise(hf, 0)
+    ours = BitBackbone(BitConfig(**fields)).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing and not unexpected
+    x = torch.randn(2, 3, 37, 53)
+    with torch.no_grad():
+        want, got = hf(x).feature_maps, ours(x)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        # fp32 maps of |x| up to ~50: the bound scales with the map (see HYBRID_SCALE_BY_MAGNITUDE).
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, float(b.abs().max())))

@@ -18,7 +18,7 @@ import keras
 from keras import ops
 
 from vit_core.config_hybrid import BitConfig, conv_padding, same_padding
-from .modeling_tf_utils import Tensor, ViTConfigSerializable, activation, register
+from .modeling_tf_utils import Tensor, ViTConfigSerializable, activation, register, rematerialized
 
 __all__ = [
     "TFWeightStandardizedConv2d", "TFBitGroupNormActivation", "TFBitMaxPool2d", "TFBitEmbeddings", "TFBitDropPath",
@@ -340,6 +340,8 @@ class TFBitEncoder(ViTConfigSerializable, keras.layers.Layer):
         super().__init__(**kwargs)
         self.config = config
         self.stages = [TFBitStage(config, s, name=f"stages.{s}") for s in range(config.num_stages)]
+        #: recompute each stage in the backward pass (``TFPreTrainedModel.gradient_checkpointing_enable``)
+        self.gradient_checkpointing = False
 
     def build(self, input_shape: Shape) -> None:
         for stage, channels in zip(self.stages, self.config.stage_channels()):
@@ -348,7 +350,10 @@ class TFBitEncoder(ViTConfigSerializable, keras.layers.Layer):
     def call(self, hidden_states: Tensor, last: int | None = None, training: bool = False) -> tuple[Tensor, ...]:
         all_hidden = (hidden_states,)
         for stage in self.stages[:last]:
-            hidden_states = stage(hidden_states, training=training)
+            if self.gradient_checkpointing and training:
+                hidden_states = rematerialized(lambda x, stage=stage: stage(x, training=True))(hidden_states)
+            else:
+                hidden_states = stage(hidden_states, training=training)
             all_hidden += (hidden_states,)
         return all_hidden
 

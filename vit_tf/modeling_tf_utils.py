@@ -165,6 +165,22 @@ def resolve_variable(model: keras.layers.Layer, spec: ParamSpec) -> keras.Variab
     return obj if leaf is None else getattr(obj, leaf)
 
 
+def rematerialized(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn`` whose activations are recomputed in the backward pass instead of stored (``tf.recompute_grad``
+    through ``keras.remat``); the numbers are the same."""
+    return keras.remat(fn)
+
+
+def _scale_for_replicas(loss: Tensor) -> Tensor:
+    """The model's own loss divided by the replica count under a ``tf.distribute`` strategy, as Keras divides
+    compiled losses (the replicas' gradients are summed, so the step is the global batch's mean); Keras'
+    loss tracker multiplies it back for the reported value."""
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss if replicas == 1 else loss * ops.cast(1.0 / replicas, loss.dtype)
+
+
 class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
     """Base of every trivit Keras model; mirrors :class:`vit_torch.modeling_utils.TorchPreTrainedModel`."""
 
@@ -206,6 +222,24 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
         for spec, var in table.values():
             var.assign(to_kernel_layout(spec.kind, initial_value(spec, self.config.initializer_range)))
 
+    # ------------------------------------------------------------------ gradient checkpointing
+    def _checkpointed_layers(self) -> list[Any]:
+        return [layer for layer in self._flatten_layers(include_self=False) if hasattr(layer, "gradient_checkpointing")]
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer (and each BiT stage) in the backward pass of ``training=True``
+        calls instead of storing its activations; calls asking for attentions run unchanged."""
+        for layer in self._checkpointed_layers():
+            layer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self._checkpointed_layers():
+            layer.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(layer.gradient_checkpointing for layer in self._checkpointed_layers())
+
     # ------------------------------------------------------------------ forward helpers
     def _head_mask(self, head_mask: Tensor | None) -> Tensor | None:
         """(heads,) or (layers, heads), 1 keeps a head → (layers, 1, heads, 1, 1) in the compute dtype."""
@@ -241,7 +275,7 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
                     loss = self._classification_loss(y_pred.logits, y)
                 if loss is None:
                     raise ValueError("No loss to compute: pass labels (in x or as y) or a `loss` to compile()")
-                return loss + ops.sum(self.losses) if self.losses else loss
+                return _scale_for_replicas(loss + ops.sum(self.losses) if self.losses else loss)
             y_pred = self._prediction(y_pred)
         return super().compute_loss(x, y, y_pred, sample_weight, training=training)
 

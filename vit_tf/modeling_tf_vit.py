@@ -22,7 +22,7 @@ from vit_core.config import ViTConfig
 from vit_core.interpolation import resize_matrix
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
-from .modeling_tf_utils import TFPreTrainedModel, Tensor, ViTConfigSerializable, activation, register
+from .modeling_tf_utils import TFPreTrainedModel, Tensor, ViTConfigSerializable, activation, register, rematerialized
 
 __all__ = ["TFViTModel", "TFViTForImageClassification", "TFViTForMaskedImageModeling", "TFViTPreTrainedModel"]
 
@@ -397,6 +397,8 @@ class TFViTEncoder(ViTConfigSerializable, keras.layers.Layer):
         super().__init__(**kwargs)
         self.config = config
         self.layer = [TFViTLayer(config, name=f"layer.{i}") for i in range(config.num_hidden_layers)]
+        #: recompute each layer in the backward pass (``TFPreTrainedModel.gradient_checkpointing_enable``)
+        self.gradient_checkpointing = False
 
     def build(self, input_shape: Shape) -> None:
         for layer in self.layer:
@@ -415,13 +417,22 @@ class TFViTEncoder(ViTConfigSerializable, keras.layers.Layer):
         all_attn: tuple[Tensor, ...] | None = () if output_attentions else None
         for i, layer in enumerate(self.layer):
             layer_mask = None if head_mask is None else head_mask[i]
-            hidden_states, probs = layer(
-                hidden_states,
-                head_mask=layer_mask,
-                output_attentions=output_attentions,
-                training=training,
-                class_token_only=class_token_only and i == len(self.layer) - 1,
-            )
+            last = class_token_only and i == len(self.layer) - 1
+            if self.gradient_checkpointing and training and not output_attentions:
+                hidden_states = rematerialized(
+                    lambda x, layer=layer, m=layer_mask, last=last: layer(
+                        x, head_mask=m, training=True, class_token_only=last
+                    )[0]
+                )(hidden_states)
+                probs = None
+            else:
+                hidden_states, probs = layer(
+                    hidden_states,
+                    head_mask=layer_mask,
+                    output_attentions=output_attentions,
+                    training=training,
+                    class_token_only=last,
+                )
             if all_hidden is not None:
                 all_hidden += (hidden_states,)
             if all_attn is not None:
