@@ -1,0 +1,428 @@
+"""``trivit predict IMAGE_OR_DIR... --model DIR``: classify images with a checkpoint folder in one framework.
+
+Preprocessing follows the folder's ``preprocessor_config.json`` (``ViTImageProcessor``, or
+``ViTHybridImageProcessor`` when its ``image_processor_type`` says so); the model class follows
+``config.json``'s ``model_type`` ("vit" or "vit-hybrid"). Only the framework asked for is imported.
+
+Exit codes: 0 every image was read; 3 some inputs were skipped (named on stderr, and under
+``"skipped"`` with ``--json``); 2 usage errors (no model folder, no images found, bad options, a
+checkpoint that is not an image classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_parser", "run", "find_images", "EXIT_OK", "EXIT_USAGE", "EXIT_SKIPPED"]
+
+EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
+FRAMEWORKS = ("torch", "tf", "flax")
+#: config.json ``model_type`` -> (class name without the framework prefix, config class name in vit_core).
+_MODEL_TYPES = {"vit": ("ViTForImageClassification", "ViTConfig"),
+                "vit-hybrid": ("ViTHybridForImageClassification", "ViTHybridConfig")}
+#: ``image_processor_type`` values read as the hybrid processor (HF's BiT processor has the same steps).
+_HYBRID_PROCESSORS = {"ViTHybridImageProcessor", "BitImageProcessor"}
+_PLAIN_PROCESSORS = {"ViTImageProcessor", "ViTFeatureExtractor", None}
+
+#: ``(pixels (N, C, H, W) float32, interpolate_pos_encoding) -> (N, num_labels) float32 logits``, in one framework.
+Forward = Callable[[np.ndarray, bool], np.ndarray]
+
+
+class UsageError(Exception):
+    """A problem with the command line or the model folder: exit code 2, one line on stderr."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``predict`` on the ``trivit`` sub-command table."""
+    p = sub.add_parser(
+        "predict", help="classify images with a checkpoint folder (top-k labels and probabilities)",
+        description="Classify images (files, or folders walked recursively) with a checkpoint folder. "
+                    "Exit code 0: all read; 3: some inputs skipped (named on stderr); 2: usage error.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint folder: config.json, weights, preferably preprocessor_config.json")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="torch", help="which framework runs it (default torch)")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per image (default 5; at most num_labels)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of a table")
+    p.set_defaults(func=run)
+    return p
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _pillow_opens(path: Path) -> bool:
+    """Whether Pillow recognises the file's header (cheap: nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - any failure means "not an image" for a file found in a walk
+        return False
+
+
+def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand the command-line inputs into ``(image paths, [(path, reason), ...] skipped)``.
+
+    A file given by name is always kept (a bad one is reported when read). Folders are walked
+    recursively, skipping hidden entries, and their files sorted by path; a file found there is kept
+    when its extension is one Pillow knows, or when Pillow recognises its header. Duplicates are dropped.
+    """
+    exts = _image_extensions()
+    found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            inside = []
+            for root, dirs, files in os.walk(path):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                inside += [Path(root) / name for name in files if not name.startswith(".")]
+            found += [f for f in sorted(inside) if f.suffix.lower() in exts or _pillow_opens(f)]
+        elif path.exists():
+            found.append(path)
+        else:
+            skipped.append((item, "no such file or folder"))
+    seen: set[Path] = set()
+    unique = []
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, skipped
+
+
+def _read_image(path: Path) -> Any:
+    """Decode one file into an RGB-convertible PIL image, EXIF orientation applied (as HF's ``load_image``)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ValueError("not an image Pillow can read") from None
+    except IsADirectoryError:
+        raise ValueError("is a folder") from None
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror or e}") from None
+    except (SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read it: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ model folder
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_config(folder: Path) -> tuple[str, Any]:
+    """``(model class name without framework prefix, vit_core config)`` from ``folder/config.json``."""
+    import vit_core
+    from vit_core.config import ConfigError
+
+    if not folder.is_dir():
+        raise UsageError(f"--model {folder}: no such folder")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UsageError(f"--model {folder}: no config.json in that folder")
+    model_type = _read_json(file).get("model_type", "vit")
+    if model_type not in _MODEL_TYPES:
+        raise UsageError(f"{file}: model_type {model_type!r} is not one trivit predicts with ({list(_MODEL_TYPES)})")
+    class_name, config_class = _MODEL_TYPES[model_type]
+    try:
+        config = getattr(vit_core, config_class).from_pretrained(folder)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise UsageError(f"{file}: {e}") from None
+    if not config.num_labels:
+        raise UsageError(f"{file}: num_labels is 0, so the checkpoint has no classification head")
+    if config.num_channels != 3:
+        raise UsageError(f"{file}: num_channels is {config.num_channels}; trivit predict feeds RGB images (3)")
+    return class_name, config
+
+
+def _load_processor(folder: Path, config: Any, note: Callable[[str], None]) -> Any:
+    """The folder's saved processor, or a ``ViTImageProcessor`` sized to the config (said on stderr)."""
+    from vit_core import ViTHybridImageProcessor, ViTImageProcessor
+    from vit_core.image_processing import CONFIG_NAME
+
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        h, w = config.image_hw
+        note(f"no {CONFIG_NAME} in {folder}: using ViTImageProcessor defaults resized to {h}x{w} "
+             "(bilinear, mean/std 0.5)")
+        return ViTImageProcessor(size={"height": h, "width": w})
+    data = _read_json(file)
+    kind = data.get("image_processor_type", data.get("feature_extractor_type"))
+    cls = ViTHybridImageProcessor if kind in _HYBRID_PROCESSORS else ViTImageProcessor
+    if kind not in _HYBRID_PROCESSORS | _PLAIN_PROCESSORS:
+        note(f"{file}: image_processor_type {kind!r} is not a ViT processor; reading it as ViTImageProcessor")
+    data.pop("feature_extractor_type", None)
+    try:
+        return cls.from_dict(data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{file}: {e}") from None
+
+
+def _quiet_frameworks() -> None:
+    """No TF / absl / JAX log chatter on the user's terminal (before any framework is imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("absl", "jax._src.xla_bridge", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+#: Native (C++) log lines that frameworks print while they load: absl's pre-init notice and glog-style
+#: INFO / WARNING lines (``I0000 00:00:1796219983.353866   19991 port.cc:153] ...``); E/F lines are kept.
+_NATIVE_CHATTER = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\]")
+
+
+@contextlib.contextmanager
+def _filter_native_chatter() -> Iterator[None]:
+    """Catch what is written to file descriptor 2 (TF's C++ logging ignores ``TF_CPP_MIN_LOG_LEVEL`` before
+    absl is initialised) and pass everything but :data:`_NATIVE_CHATTER` lines on to stderr afterwards."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not _NATIVE_CHATTER.match(line):
+                    sys.stderr.write(line)
+
+
+def _import_framework(framework: str) -> Any:
+    module = {"torch": "vit_torch", "tf": "vit_tf", "flax": "vit_flax"}[framework]
+    try:
+        with _filter_native_chatter():
+            return __import__(module)
+    except ImportError as e:
+        extra = {"torch": "torch", "tf": "tf", "flax": "flax"}[framework]
+        raise UsageError(f"--framework {framework}: {module} does not import ({e}); "
+                         f"install it with pip install 'trivit[{extra}]'") from None
+
+
+def _load_model(framework: str, class_name: str, folder: Path, note: Callable[[str], None]) -> Forward:
+    """Load the classifier in ``framework`` and return its fp32 forward pass on numpy NCHW pixels."""
+    from vit_core import CheckpointError
+    from vit_core.config import ConfigError
+
+    _quiet_frameworks()
+    module = _import_framework(framework)
+    prefix = {"torch": "", "tf": "TF", "flax": "Flax"}[framework]
+    cls = getattr(module, prefix + class_name)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = cls.from_pretrained(folder, output_loading_info=True)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--model {folder}: {e}") from None
+    head = [k for k in info.get("missing_keys", []) + info.get("mismatched_keys", []) if "classifier" in str(k)]
+    if head:
+        raise UsageError(f"--model {folder}: the checkpoint has no trained classification head "
+                         f"({', '.join(map(str, head))} would be random); it is not an image classifier")
+    for w in caught:
+        note(f"warning: {w.message}")
+    return _forward(framework, model)
+
+
+def _forward(framework: str, model: Any) -> Forward:
+    """Wrap ``model`` as ``(pixels (N, C, H, W), interpolate) -> logits (N, L)``, full fp32 on any device."""
+    if framework == "torch":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: same numbers as the other frameworks
+        torch.backends.cudnn.allow_tf32 = False
+        model = model.to(device).eval()
+
+        def run_torch(pixels: np.ndarray, interpolate: bool) -> np.ndarray:
+            with torch.inference_mode():
+                out = model(torch.from_numpy(pixels).to(device), interpolate_pos_encoding=interpolate)
+                return out.logits.float().cpu().numpy()
+
+        return run_torch
+    if framework == "tf":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        return lambda pixels, interpolate: np.asarray(
+            model(pixels, interpolate_pos_encoding=interpolate, training=False).logits, dtype=np.float32)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    logits = jax.jit(lambda params, pixels, interpolate: model(pixels, params=params,
+                                                               interpolate_pos_encoding=interpolate).logits,
+                     static_argnums=2)
+    return lambda pixels, interpolate: np.asarray(logits(model.params, pixels, interpolate), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class _Results:
+    """What one run found: per-image ``(path, [(label, id, probability), ...])`` and ``(path, reason)`` skips."""
+
+    predictions: list[tuple[str, list[tuple[str, int, float]]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _probabilities(logits: np.ndarray, config: Any) -> np.ndarray:
+    """(N, L) logits -> (N, L) float64 probabilities: sigmoid for multi-label checkpoints, else softmax."""
+    z = logits.astype(np.float64)
+    if config.problem_type == "multi_label_classification":
+        return 1.0 / (1.0 + np.exp(-z))
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[str], None]]]:
+    """``(advance(n), say(line))`` on stderr; a tqdm bar (when installed and ``enabled``) keeps lines above it."""
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield (lambda n: None), say
+        return
+    with tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        yield bar.update, (lambda line: bar.write(line, file=sys.stderr))
+
+
+def _predict(paths: list[Path], processor: Any, config: Any, forward: Forward, args: argparse.Namespace,
+             results: _Results) -> None:
+    """Read, preprocess and classify ``paths`` batch by batch into ``results``; skips are said on stderr."""
+    top_k = min(args.top_k, config.num_labels)
+    labels = config.id2label
+    warned = False
+    with _progress(len(paths), len(paths) > args.batch_size) as (advance, say):
+        for path, why in results.skipped:
+            say(f"trivit predict: skipped {path}: {why}")
+        for chunk in _chunks(paths, args.batch_size):
+            batch: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}  # same-shape images run together
+            for path in chunk:
+                try:
+                    pixels = processor(_read_image(path), return_tensors="np").pixel_values[0]
+                except ValueError as e:
+                    results.skipped.append((str(path), str(e)))
+                    say(f"trivit predict: skipped {path}: {e}")
+                    continue
+                batch.setdefault(pixels.shape, []).append((str(path), pixels))
+            for shape, group in batch.items():
+                interpolate = tuple(shape[1:]) != tuple(config.image_hw)
+                if interpolate and not warned:
+                    warned = True
+                    say(f"trivit predict: the processor gives {shape[1]}x{shape[2]} pixels, the model was built for "
+                        f"{config.image_hw[0]}x{config.image_hw[1]}: interpolating its position embeddings")
+                probs = _probabilities(forward(np.stack([px for _, px in group]), interpolate), config)
+                for (path, _), row in zip(group, probs):
+                    order = np.argsort(-row, kind="stable")[:top_k]
+                    results.predictions.append((path, [(labels.get(int(i), str(int(i))), int(i), float(row[i]))
+                                                       for i in order]))
+            advance(len(chunk))
+    index = {p: i for i, p in enumerate(map(str, paths))}  # shape groups may reorder within a batch
+    results.predictions.sort(key=lambda item: index[item[0]])
+
+
+def _table(results: _Results) -> str:
+    """An aligned text table: one row per (image, rank); the path only on each image's first row."""
+    rows = [("image", "rank", "label", "id", "probability")]
+    for path, preds in results.predictions:
+        for rank, (label, i, p) in enumerate(preds, 1):
+            rows.append((path if rank == 1 else "", str(rank), label, str(i), f"{p:.4f}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    right = (False, True, False, True, True)
+    return "\n".join("  ".join(cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(row, widths, right)).rstrip()
+                     for row in rows)
+
+
+def _document(results: _Results, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "framework": args.framework,
+        "results": [{"path": path, "predictions": [{"label": label, "id": i, "probability": p} for label, i, p in preds]}
+                    for path, preds in results.predictions],
+        "skipped": [{"path": path, "error": error} for path, error in results.skipped],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify ``args.inputs`` with ``args.model``; prints the table (or JSON) on stdout, notes on stderr."""
+    def note(line: str) -> None:
+        print(f"trivit predict: {line}", file=sys.stderr)
+
+    try:
+        if args.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+        folder = Path(args.model)
+        class_name, config = _load_config(folder)
+        paths, missing = find_images(args.inputs)
+        if not paths:
+            reasons = "; ".join(f"{p}: {why}" for p, why in missing)
+            raise UsageError(f"no images found in {' '.join(args.inputs)}" + (f" ({reasons})" if reasons else ""))
+        processor = _load_processor(folder, config, note)
+        forward = _load_model(args.framework, class_name, folder, note)
+    except UsageError as e:
+        print(f"trivit predict: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    results = _Results(skipped=list(missing))
+    _predict(paths, processor, config, forward, args, results)
+    if args.json:
+        json.dump(_document(results, args), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif results.predictions:
+        print(_table(results))
+    if results.skipped:
+        note(f"{len(results.skipped)} of {len(paths) + len(missing)} inputs skipped (exit code {EXIT_SKIPPED})")
+        return EXIT_SKIPPED
+    return EXIT_OK
