@@ -36,3 +36,15 @@ TFLITE_ATOL = 1e-4
 #: Gradients d(loss)/d(pixel_values) across frameworks, relative to the largest entry.
 GRAD_RTOL = 1e-4
 #: bf16 round trips are exact (bf16 -> fp32 widening); bf16 *compute* is not compared across frameworks.
+
+#: One distributed training step (2 torch gloo ranks, 8 JAX CPU devices, 2 TF replicas) vs the single-process
+#: step on the same global batch: loss and every weight, absolute, fp32, SGD. Only the order of the gradient
+#: sums differs (per-shard means, then the engine's all-reduce), a few fp32 ulps of the gradient scaled by lr.
+DIST_ATOL = 1e-5
+
+#: trivit train: 2 epochs straight vs 1 epoch + --resume + 1 epoch, every weight, absolute, fp32 (AdamW). Same
+#: batches, same optimizer state restored bit for bit; the only freedom is a framework re-tracing or re-threading
+#: a reduction after the reload, a few fp32 ulps of weights of magnitude <= ~1 after a handful of steps.
+RESUME_ATOL = 1e-6
+#: trivit demo's bar: max |logit difference| between the three frameworks on the held-out digits (the README's 1e-4).
+DEMO_LOGIT_ATOL = 1e-4
