@@ -375,11 +375,6 @@ class ViTHybridConfig(ViTConfig):
         return h // self.patch_size, w // self.patch_size
 
     @property
-    def num_patches(self) -> int:
-        gh, gw = self.feature_grid(*self.image_hw)
-        return gh * gw
-
-    @property
     def feature_channels(self) -> int:
         """Channels of the backbone map the projection reads (``backbone_featmap_shape[1]``)."""
         return self.bit.feature_shape(*self.image_hw)[0]
