@@ -13,7 +13,7 @@ import sys
 __all__ = ["main", "VERBS"]
 
 #: The verbs, in ``--help`` order; each is the module ``trivit.<verb>``.
-VERBS: tuple[str, ...] = ("demo", "convert")
+VERBS: tuple[str, ...] = ("demo", "convert", "predict", "train")
 
 
 def main(argv: list[str] | None = None) -> int:
