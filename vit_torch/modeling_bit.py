@@ -20,6 +20,12 @@ from .modeling_utils import activation
 __all__ = ["BitBackbone", "BitModel", "WeightStandardizedConv2d", "BitGroupNormActivation"]
 
 
+def _activation(name: str) -> nn.Module:
+    """The config's activation; ReLU in place: it follows a GroupNorm or a residual sum, neither of whose
+    backward reads the overwritten output, and it saves one feature-map-sized write per use."""
+    return nn.ReLU(inplace=True) if name == "relu" else activation(name)
+
+
 def _pad(x: torch.Tensor, pads_h: tuple[int, int], pads_w: tuple[int, int]) -> torch.Tensor:
     if not any(pads_h + pads_w):
         return x
@@ -77,7 +83,7 @@ class BitGroupNormActivation(nn.GroupNorm):
 
     def __init__(self, bit: BitConfig, num_channels: int, apply_activation: bool = True):
         super().__init__(bit.num_groups, num_channels, eps=bit.group_norm_eps)
-        self.activation = activation(bit.hidden_act) if apply_activation else nn.Identity()
+        self.activation = _activation(bit.hidden_act) if apply_activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(super().forward(x))
@@ -154,7 +160,7 @@ class BitBottleneckLayer(nn.Module):
         self.conv3 = WeightStandardizedConv2d(bit, mid, layer.out_channels, 1)
         self.norm3 = BitGroupNormActivation(bit, layer.out_channels, apply_activation=False)
         self.drop_path = BitDropPath(layer.drop_path_rate)
-        self.activation = activation(bit.hidden_act)
+        self.activation = _activation(bit.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
