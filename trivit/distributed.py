@@ -315,9 +315,8 @@ def tf_build_and_compile(strategy: Any, build_model: Callable[[], Any], make_opt
     """Build the model and its optimizer inside ``strategy.scope()`` (so their variables are mirrored)
     and compile it with :func:`tf_keras_loss`.
 
-    The compiled Keras loss is used rather than the model's internal one (``compile()`` without a
-    loss): Keras scales compiled losses by 1 / replicas, while the internal loss is returned
-    unscaled, which under N replicas makes the summed gradient N times the global mean.
+    A compiled Keras loss is the standard Keras recipe; the model's own loss (``compile()`` without a
+    loss, labels in x) gives the same step, since ``vit_tf`` scales it by 1 / replicas as Keras does.
     ``compile_kwargs`` (``metrics``, ``loss`` to override ...) go to ``model.compile``. Feed ``fit``
     ``(pixel_values, labels)`` pairs, e.g. from :func:`tf_distributed_dataset`.
     """
