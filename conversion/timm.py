@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_core.checkpoint import load_torch_state
+from vit_core.checkpoint import load_torch_file
 from vit_core.config_hybrid import BitConfig
 from vit_core.safetensors_io import CheckpointError, SafetensorsFile
 
@@ -89,24 +89,16 @@ _RENAME = {
 
 
 def load_flat_state(path: Path) -> Mapping[str, Any]:
-    """``{name: tensor-like}`` from ``.safetensors`` (memory-mapped) or a torch file (weights_only).
+    """``{name: array}`` from ``.safetensors`` or a ``torch.save`` file (both memory-mapped; the torch pickle
+    is read by :mod:`vit_core.torch_pickle`, which runs no pickled code and needs no torch).
 
     Torch files wrapped as ``{"model": state}`` / ``{"state_dict": state}`` are unwrapped and a
-    DDP ``module.`` prefix is dropped. Values are numpy arrays or torch tensors, read lazily.
+    DDP ``module.`` prefix is dropped. Values are numpy arrays, read lazily.
     """
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
-    state = load_torch_state(path, wrappers=("model", "state_dict", "model_ema"))
+    state = load_torch_file(path, wrappers=("model", "state_dict", "model_ema"))
     return {key.removeprefix("module."): t for key, t in state.items()}
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    t = value.detach()  # a torch tensor
-    if str(t.dtype) == "torch.bfloat16":
-        t = t.float()
-    return t.numpy()
 
 
 def looks_like_timm(keys: set[str]) -> bool:
@@ -229,7 +221,7 @@ def read_timm(
 
     def take(dst: str, src: str, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a,
              out_shape: tuple[int, ...] | None = None) -> None:
-        entries[dst] = (out_shape or shape(src), lambda: fn(_numpy(raw[src])))
+        entries[dst] = (out_shape or shape(src), lambda: fn(np.asarray(raw[src])))
 
     take(f"{prefix}embeddings.cls_token", "cls_token")
     if class_row:

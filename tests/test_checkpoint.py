@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -166,11 +169,64 @@ def test_pickle_code_never_runs(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
-    with open(path / "pytorch_model.bin", "wb") as f:
+    with open(path / "pytorch_model.bin", "wb") as f:  # a bare pickle, as torch's legacy format
         pickle.dump({"vit.layernorm.weight": Evil()}, f)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="not a zip-format torch.save file"):
+        vit_torch.ViTForImageClassification.from_pretrained(path)
+    # The same code inside a real torch.save archive: the allow-list unpickler refuses the global by name.
+    torch.save({"vit.layernorm.weight": torch.ones(3)}, path / "pytorch_model.bin")
+    with zipfile.ZipFile(path / "pytorch_model.bin") as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    (pkl,) = [n for n in entries if n.endswith("/data.pkl")]
+    entries[pkl] = pickle.dumps({"vit.layernorm.weight": Evil()}, protocol=2)
+    with zipfile.ZipFile(path / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    with pytest.raises(CheckpointError, match=r"asks for posix\.system.*refused"):
         vit_torch.ViTForImageClassification.from_pretrained(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_torch_files_read_without_torch_equal_torch_load(tmp_path):
+    """vit_core.torch_pickle (numpy only) gives torch.load's values: every dtype, views of shared storages,
+    transposed (non-contiguous) tensors, parameters, bf16 widened exactly, empty tensors."""
+    from vit_core.torch_pickle import load_torch_file
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    state = {"f32": base, "view": base[1:3, 2:], "t": base.t(), "f64": torch.randn(3, generator=g).double(),
+             "f16": torch.randn(5, generator=g).half(), "bf16": torch.randn(2, 3, generator=g).bfloat16(),
+             "i64": torch.arange(7), "i32": torch.arange(3, dtype=torch.int32), "u8": torch.arange(4, dtype=torch.uint8),
+             "bool": torch.tensor([True, False]), "param": torch.nn.Parameter(torch.ones(2)), "empty": torch.zeros(0, 3),
+             "scalar": torch.tensor(2.5)}
+    torch.save(state, tmp_path / "w.bin")
+    got = load_torch_file(tmp_path / "w.bin")
+    assert list(got) == list(state)
+    for key, t in state.items():
+        want = t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+    # ... and it needs no torch at all: in a fresh interpreter where importing torch fails.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from vit_core.torch_pickle import load_torch_file\n"
+            f"print(float(load_torch_file({str(tmp_path / 'w.bin')!r})['t'].sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out) == pytest.approx(float(base.sum()), abs=1e-5)
+
+
+def test_torch_file_with_a_storage_cut_short_is_refused(tmp_path):
+    from vit_core.torch_pickle import load_torch_file
+
+    torch.save({"w": torch.ones(8)}, tmp_path / "w.bin")
+    with zipfile.ZipFile(tmp_path / "w.bin") as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    (key,) = [n for n in entries if n.endswith("/data/0")]
+    entries[key] = entries[key][:16]
+    with zipfile.ZipFile(tmp_path / "w.bin", "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    with pytest.raises(CheckpointError, match="storage '0' holds 16 bytes"):
+        load_torch_file(tmp_path / "w.bin")
 
 
 def test_corrupt_files_are_named(tmp_path):

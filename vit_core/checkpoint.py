@@ -7,8 +7,8 @@ Canonical layout (what every framework writes, and HF transformers 4.x PyTorch r
     DIR/model.safetensors.index.json          #   {"metadata": {...}, "weight_map": {key: shard}}
     DIR/model-00001-of-0000N.safetensors
 
-Reading also accepts ``pytorch_model.bin`` (+ ``.index.json``), loaded with
-``torch.load(weights_only=True)`` only: no pickled code ever runs. HF 4.x TensorFlow
+Reading also accepts ``pytorch_model.bin`` (+ ``.index.json``), read by :mod:`.torch_pickle` with numpy
+and an allow-list unpickler: no pickled code ever runs, and torch is not needed. HF 4.x TensorFlow
 (``tf_model.h5``) and Flax (``flax_model.msgpack``) folders need converting to canonical names and
 layouts; the core does not convert (it imports no converter), so :func:`read_checkpoint` opens them
 only through readers its caller passes (the conversion layer's ``read_checkpoint`` does, and the
@@ -28,6 +28,7 @@ import numpy as np
 
 from .atomic import staged_files
 from .config import CONFIG_NAME
+from .torch_pickle import load_torch_file
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, tensor_info, write_safetensors
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "find_weights",
     "read_checkpoint",
     "write_checkpoint",
-    "load_torch_state",
+    "load_torch_file",
     "parse_size",
 ]
 
@@ -110,47 +111,6 @@ def _read_index(index: Path) -> list[Path]:
     return [index.parent / s for s in shards]
 
 
-def load_torch_state(path: Path, wrappers: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``{name: torch.Tensor}`` from a torch file, with ``torch.load(weights_only=True)`` only (no
-    pickled code runs), memory-mapped when the file allows. A state nested under one of
-    ``wrappers`` (e.g. ``{"model": state}``) is unwrapped. Every failure is a CheckpointError."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path} is a PyTorch pickle; reading it needs torch: pip install 'trivit[torch]' "
-            "(or convert it to model.safetensors)"
-        ) from None
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt, truncated or unsafe pickles
-        raise CheckpointError(f"{path}: cannot be read safely with torch.load(weights_only=True) ({e})") from None
-    for wrapper in wrappers:
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    for key, t in state.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: key {key!r} is a {type(t).__name__}, not a tensor")
-    return dict(state)
-
-
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    import torch
-
-    return {
-        key: (t.detach().float() if t.dtype == torch.bfloat16 else t.detach()).numpy()
-        for key, t in load_torch_state(path).items()
-    }
-
-
 #: Per-suffix readers for weight files the core cannot decode itself: ``{suffix: reader(path)}``.
 ForeignReaders = Mapping[str, Callable[[Path], Mapping[str, np.ndarray]]]
 
@@ -183,7 +143,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, readers: ForeignReaders | N
     parts: list[Mapping[str, np.ndarray]] = [
         SafetensorsFile(s) if s.suffix == ".safetensors"
         else _read_foreign(s, readers) if s.suffix in (".h5", ".msgpack")
-        else _read_torch_bin(s)
+        else load_torch_file(s)
         for s in shards
     ]
     return CheckpointState(file, parts)
