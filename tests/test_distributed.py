@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tolerances import DIST_ATOL
+from tolerances import DIST_ATOL, DIST_TRAIN_ATOL
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 0.5
@@ -252,6 +252,57 @@ def test_init_torch_distributed_outside_torchrun_says_so(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
         init_torch_distributed()
+
+
+
+# ============================================================================ trivit train --distributed, end to end
+#: The train verb's run: 100 digits (90 training images, a multiple of the 2 devices), batch 16 (6 steps, the last
+#: one of 10), one epoch of AdamW at lr 1e-3 with augmentation (seeded by (seed, epoch): the same in both runs).
+TRAIN_ARGS = ["--data", "sklearn-digits", "--limit", "100", "--epochs", "1", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """The tiny ViT of ``checkpoint`` with the digits' 10 labels (no head swap: both runs start from equal weights)."""
+    import torch
+
+    from vit_torch import ViTForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dist") / "digits"
+    ViTForImageClassification(_config().copy(num_labels=10, id2label={i: str(i) for i in range(10)},
+                                             label2id={str(i): i for i in range(10)})).save_pretrained(folder)
+    return folder
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("framework", ["torch", "flax", "tf"])
+def test_trivit_train_distributed_matches_single_process(framework, digits_checkpoint, tmp_path):
+    from trivit.cli import main
+
+    args = ["train", *TRAIN_ARGS, "--model", str(digits_checkpoint), "--framework", framework]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    cli = ["-m", "trivit.cli", *args, "--out", str(tmp_path / "dist"), "--distributed"]
+    if framework == "torch":
+        torchrun = Path(sys.executable).with_name("torchrun")
+        launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+        _run([*launcher, "--standalone", "--nproc_per_node", "2", *cli], _env())
+    elif framework == "flax":
+        _run([sys.executable, *cli], _env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    else:
+        _run([sys.executable, *cli], _env(TRIVIT_TF_LOGICAL_DEVICES="2"))
+    single, dist = _weights(tmp_path / "single"), _weights(tmp_path / "dist")
+    assert _max_diff(single, _weights(digits_checkpoint)) > MIN_SENSITIVITY  # the epoch did move the weights
+    diff = _max_diff(dist, single)
+    assert diff <= DIST_TRAIN_ATOL, f"{framework}: --distributed weights are {diff:.3g} from the single-process run"
+    state = json.loads((tmp_path / "dist" / "trainer_state.json").read_text())
+    assert state["devices"] == 2 and state["global_step"] == 6 and state["history"][0]["train_loss"] == pytest.approx(
+        json.loads((tmp_path / "single" / "trainer_state.json").read_text())["history"][0]["train_loss"], abs=1e-4)
 
 
 if __name__ == "__main__":  # worker: python tests/test_distributed.py ENGINE CHECKPOINT OUT

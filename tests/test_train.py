@@ -160,7 +160,7 @@ def test_epoch_order_and_augmentation_depend_only_on_seed_and_epoch(image_folder
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
     (["--framework", "mxnet"], "--framework 'mxnet'"),
-    (["--distributed"], "not available yet"),
+    (["--distributed"], "torchrun"),  # --framework torch outside torchrun
 ])
 def test_clear_errors(argv, message, image_folder, tmp_path, capsys):
     base = ["train", "--data", str(image_folder), "--model", "Ti/16", "--out", str(tmp_path / "o"), "--no-progress"]

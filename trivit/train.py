@@ -4,8 +4,7 @@ JAX/Flax, checkpointing an HF-loadable folder every epoch (see :mod:`trivit.trai
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -39,31 +38,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use a fixed random subset of this many images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--distributed", action="store_true", help="several processes / devices (trivit/distributed.py)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data parallel: torch under torchrun (DDP, one process per device), flax over every JAX "
+                        "device, tf MirroredStrategy; see docs/distributed.md")
     p.set_defaults(func=run)
     return p
-
-
-def _distributed(args: argparse.Namespace) -> int:
-    """Hand over to ``trivit.distributed.launch(args) -> exit code`` when that module is installed."""
-    if importlib.util.find_spec("trivit.distributed") is None:
-        print("trivit train: error: --distributed is not available yet in this build (no trivit/distributed.py)",
-              file=sys.stderr)
-        return 2
-    launch = getattr(importlib.import_module("trivit.distributed"), "launch", None)
-    if launch is None:
-        print("trivit train: error: --distributed is not available yet in this build "
-              "(trivit/distributed.py has no launch(args))", file=sys.stderr)
-        return 2
-    return int(launch(args))
 
 
 def run(args: argparse.Namespace) -> int:
     from trivit import training
 
     training.quiet_frameworks()
-    if args.distributed:
-        return _distributed(args)
+    # --distributed under torchrun: every rank runs this; only rank 0 talks (and writes, see training.fit)
+    say = print if not args.distributed or os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         if args.framework not in training.FRAMEWORKS:
             raise training.TrainingError(f"--framework {args.framework!r}: choose one of {list(training.FRAMEWORKS)}")
@@ -75,19 +62,19 @@ def run(args: argparse.Namespace) -> int:
         size = config.image_hw[0] if args.resume or not args.image_size else args.image_size
         processor = training.make_processor(source, size)
         train, val = training.load_data(args.data, processor, val_fraction=args.val_fraction, limit=args.limit)
-        print(f"data: {len(train)} training / {len(val)} validation images, {len(train.id2label)} classes "
-              f"({', '.join(list(train.id2label.values())[:10])}{', ...' if len(train.id2label) > 10 else ''}) "
-              f"at {size}x{size}")
+        say(f"data: {len(train)} training / {len(val)} validation images, {len(train.id2label)} classes "
+            f"({', '.join(list(train.id2label.values())[:10])}{', ...' if len(train.id2label) > 10 else ''}) "
+            f"at {size}x{size}")
         history = training.fit(
             args.framework, args.model, train, val, epochs=args.epochs, out=args.out, batch_size=args.batch_size,
             lr=args.lr, resume=args.resume, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
             image_size=args.image_size, seed=args.seed, progress=args.progress, schedule=args.schedule,
-            weight_decay=args.weight_decay, augment=args.augment, processor=processor)
+            weight_decay=args.weight_decay, augment=args.augment, processor=processor, distributed=args.distributed)
     except (training.TrainingError, FileNotFoundError) as e:
         print(f"trivit train: error: {e}", file=sys.stderr)
         return 2
     for r in history.records:
-        print(f"epoch {r.epoch}: train loss {r.train_loss:.4f}, val loss {r.val_loss:.4f}, "
-              f"val accuracy {r.val_accuracy:.4f} ({r.seconds:.1f} s)")
-    print(f"checkpoint: {args.out} (loads with from_pretrained in every framework and in HF transformers)")
+        say(f"epoch {r.epoch}: train loss {r.train_loss:.4f}, val loss {r.val_loss:.4f}, "
+            f"val accuracy {r.val_accuracy:.4f} ({r.seconds:.1f} s)")
+    say(f"checkpoint: {args.out} (loads with from_pretrained in every framework and in HF transformers)")
     return 0

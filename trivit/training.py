@@ -1,4 +1,5 @@
-"""Single-process fine-tuning of a ViT classifier in PyTorch, TF/Keras or JAX/Flax behind one contract.
+"""Fine-tuning of a ViT classifier in PyTorch, TF/Keras or JAX/Flax behind one contract (one process, or data
+parallel with ``distributed=True``: torch DDP under torchrun, a JAX mesh, TF MirroredStrategy).
 
 :func:`fit` trains ``ViTForImageClassification`` (or its TF / Flax twin) and, after every epoch, writes
 an HF-loadable checkpoint into ``out`` (``config.json`` + ``model.safetensors`` via ``save_pretrained``,
@@ -414,10 +415,20 @@ class _Run:
     history: History
     optimizer_state: Path | None
     log: Callable[[str], None]
+    #: ``--distributed``: the engine's handle (torch :class:`trivit.distributed.TorchContext`, a JAX ``Mesh``,
+    #: a ``tf.distribute`` strategy), or None for a single process / device.
+    dist: Any = None
+    world: int = 1  #: ranks / devices the global batch is split over
+    main: bool = True  #: this process writes checkpoints (rank 0)
+
+    @property
+    def n_train(self) -> int:
+        """Examples used per epoch: all, less ``len(train) % world`` (so that the last batch splits evenly)."""
+        return len(self.train) - len(self.train) % self.world
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.batch_size)
+        return math.ceil(self.n_train / self.batch_size)
 
     @property
     def warmup(self) -> int:
@@ -434,6 +445,7 @@ class _Run:
 
     def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         x, y = epoch_arrays(self.train, epoch, self.seed, self.do_augment)
+        x, y = x[:self.n_train], y[:self.n_train]
         for i in range(0, len(y), self.batch_size):
             yield x[i:i + self.batch_size], y[i:i + self.batch_size]
 
@@ -444,11 +456,13 @@ class _Run:
         val_loss, val_acc = classification_metrics(val_logits, self.val.labels)
         record = EpochRecord(epoch + 1, float(train_loss), val_loss, val_acc, round(seconds, 3))
         self.history.records.append(record)
+        if not self.main:
+            return record
         save_model(self.out)
         state = {"framework": self.framework, "epoch": epoch + 1, "epochs": self.epochs,
                  "global_step": (epoch + 1) * self.steps_per_epoch, "batch_size": self.batch_size, "lr": self.lr,
                  "weight_decay": self.weight_decay, "schedule": self.schedule, "seed": self.seed,
-                 "augment": self.do_augment, "dtype": "bf16" if self.bf16 else "float32",
+                 "augment": self.do_augment, "dtype": "bf16" if self.bf16 else "float32", "devices": self.world,
                  "optimizer_file": OPTIMIZER_FILES[self.framework],
                  "history": [asdict(r) for r in self.history.records]}
         with staged_files(self.out) as open_staged:
@@ -479,6 +493,11 @@ def _fit_torch(run: _Run) -> None:
              else ViTForImageClassification(src.config))
     if run.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    ddp, device = None, torch.device("cpu")
+    if run.dist is not None:
+        from trivit.distributed import rank_shard, torch_train_step, wrap_ddp
+
+        ddp, device = wrap_ddp(model, run.dist), run.dist.device
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=BETAS, eps=EPS, weight_decay=run.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: run.lr_at(s) / run.lr)
     if run.optimizer_state is not None:
@@ -488,8 +507,8 @@ def _fit_torch(run: _Run) -> None:
 
     def logits(x: np.ndarray) -> np.ndarray:
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
-            return np.concatenate([model(torch.from_numpy(x[i:i + 256])).logits.float().numpy()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
+            return np.concatenate([model(torch.from_numpy(x[i:i + 256]).to(device)).logits.float().cpu().numpy()
                                    for i in range(0, len(x), 256)])
 
     for epoch in range(run.start_epoch, run.epochs):
@@ -497,6 +516,15 @@ def _fit_torch(run: _Run) -> None:
         model.train()
         with _tqdm(run, epoch) as bar:
             for xb, yb in run.batches(epoch):
+                if ddp is not None:  # this rank's shard; DDP averages the gradients, the loss is the global mean
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                        loss = torch_train_step(ddp, opt, rank_shard({"pixel_values": xb, "labels": yb},
+                                                                     run.dist.rank, run.world))
+                    sched.step()
+                    total += float(loss) * len(yb)
+                    bar.update(len(yb))
+                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    continue
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
                     loss = model(pixel_values=torch.from_numpy(xb), labels=torch.from_numpy(yb)).loss
                 opt.zero_grad(set_to_none=True)
@@ -508,7 +536,7 @@ def _fit_torch(run: _Run) -> None:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             buf = io.BytesIO()
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buf)
-            rec = run.end_epoch(epoch, total / len(run.train), logits(run.val.pixel_values),
+            rec = run.end_epoch(epoch, total / run.n_train, logits(run.val.pixel_values),
                                 time.perf_counter() - t0, model.save_pretrained, buf.getvalue())
             bar.set_postfix(loss=f"{rec.train_loss:.4f}", val_loss=f"{rec.val_loss:.4f}",
                             val_acc=f"{rec.val_accuracy:.4f}")
@@ -541,7 +569,11 @@ def _fit_flax(run: _Run) -> None:
     opt_state = tx.init(params)
     if run.optimizer_state is not None:
         opt_state = serialization.from_bytes(opt_state, run.optimizer_state.read_bytes())
-    step = make_train_step(model, tx)
+    step = make_train_step(model, tx, run.dist)
+    if run.dist is not None:  # data parallel over the mesh: replicated state, batches split over "data"
+        from vit_flax.training import replicate, shard_batch
+
+        params, opt_state = replicate(params, run.dist), replicate(opt_state, run.dist)
     forward = jax.jit(lambda p, x: model(x, params=p).logits.astype(jnp.float32))
 
     def logits(x: np.ndarray) -> np.ndarray:
@@ -551,12 +583,14 @@ def _fit_flax(run: _Run) -> None:
         t0, total = time.perf_counter(), 0.0
         with _tqdm(run, epoch) as bar:
             for xb, yb in run.batches(epoch):
-                params, opt_state, loss = step(params, opt_state, {"pixel_values": xb, "labels": yb})
+                batch = {"pixel_values": xb, "labels": yb}
+                batch = batch if run.dist is None else shard_batch(batch, run.dist)
+                params, opt_state, loss = step(params, opt_state, batch)
                 total += float(loss) * len(yb)
                 bar.update(len(yb))
                 bar.set_postfix(loss=f"{float(loss):.4f}")
             model.params = params
-            rec = run.end_epoch(epoch, total / len(run.train), logits(run.val.pixel_values), time.perf_counter() - t0,
+            rec = run.end_epoch(epoch, total / run.n_train, logits(run.val.pixel_values), time.perf_counter() - t0,
                                 model.save_pretrained, serialization.to_bytes(opt_state))
             bar.set_postfix(loss=f"{rec.train_loss:.4f}", val_loss=f"{rec.val_loss:.4f}",
                             val_acc=f"{rec.val_accuracy:.4f}")
@@ -570,39 +604,43 @@ def _fit_tf(run: _Run) -> None:
     keras.utils.set_random_seed(run.seed)
     previous = keras.config.dtype_policy()
     src = run.source
-    try:
-        if run.bf16:
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        with native_log_filter():  # the first TF op probes for GPUs
-            model = (TFViTForImageClassification.from_pretrained(src.folder, **src.overrides) if src.folder
-                     else TFViTForImageClassification(src.config))
-    finally:
-        keras.config.set_dtype_policy(previous)
+    # under --distributed: model and optimizer variables mirrored over the strategy's replicas; Keras' fit
+    # splits every global batch over them (the model's own loss is scaled by 1 / replicas, as Keras' losses are)
+    scope = run.dist.scope() if run.dist is not None else contextlib.nullcontext()
+    with scope:
+        try:
+            if run.bf16:
+                keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            with native_log_filter():  # the first TF op probes for GPUs
+                model = (TFViTForImageClassification.from_pretrained(src.folder, **src.overrides) if src.folder
+                         else TFViTForImageClassification(src.config))
+        finally:
+            keras.config.set_dtype_policy(previous)
 
-    class Schedule(keras.optimizers.schedules.LearningRateSchedule):
-        """learning_rate(), in keras.ops."""
+        class Schedule(keras.optimizers.schedules.LearningRateSchedule):
+            """learning_rate(), in keras.ops."""
 
-        def __call__(self, step: Any) -> Any:
-            s = ops.cast(step, "float32")
-            warm = run.lr * (s + 1.0) / run.warmup
-            t = ops.clip((s - run.warmup) / max(1, run.total_steps - run.warmup), 0.0, 1.0)
-            after = run.lr * 0.5 * (1.0 + ops.cos(math.pi * t)) if run.schedule == "cosine" else run.lr + 0.0 * s
-            return ops.where(s < run.warmup, warm, after)
+            def __call__(self, step: Any) -> Any:
+                s = ops.cast(step, "float32")
+                warm = run.lr * (s + 1.0) / run.warmup
+                t = ops.clip((s - run.warmup) / max(1, run.total_steps - run.warmup), 0.0, 1.0)
+                after = run.lr * 0.5 * (1.0 + ops.cos(math.pi * t)) if run.schedule == "cosine" else run.lr + 0.0 * s
+                return ops.where(s < run.warmup, warm, after)
 
-    optimizer = keras.optimizers.AdamW(learning_rate=Schedule(), weight_decay=run.weight_decay, beta_1=BETAS[0],
-                                       beta_2=BETAS[1], epsilon=EPS)
-    if run.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.compile(optimizer=optimizer)  # the model's internal loss: labels travel in x
-    optimizer.build(model.trainable_variables)
-    if run.optimizer_state is not None:
-        with np.load(run.optimizer_state) as saved:
-            arrays = [saved[f"v{i}"] for i in range(len(saved.files))]
-        if len(arrays) != len(optimizer.variables):
-            raise TrainingError(f"{run.optimizer_state}: {len(arrays)} optimizer variables, the model needs "
-                                f"{len(optimizer.variables)} (another model or Keras version?)")
-        for var, value in zip(optimizer.variables, arrays):
-            var.assign(value)
+        optimizer = keras.optimizers.AdamW(learning_rate=Schedule(), weight_decay=run.weight_decay, beta_1=BETAS[0],
+                                           beta_2=BETAS[1], epsilon=EPS)
+        if run.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.compile(optimizer=optimizer)  # the model's internal loss: labels travel in x
+        optimizer.build(model.trainable_variables)
+        if run.optimizer_state is not None:
+            with np.load(run.optimizer_state) as saved:
+                arrays = [saved[f"v{i}"] for i in range(len(saved.files))]
+            if len(arrays) != len(optimizer.variables):
+                raise TrainingError(f"{run.optimizer_state}: {len(arrays)} optimizer variables, the model needs "
+                                    f"{len(optimizer.variables)} (another model or Keras version?)")
+            for var, value in zip(optimizer.variables, arrays):
+                var.assign(value)
 
     forward = None
 
@@ -628,7 +666,7 @@ def _fit_tf(run: _Run) -> None:
             if self._cached[0] != self.epoch:
                 self._cached = (self.epoch, epoch_arrays(run.train, self.epoch, run.seed, run.do_augment))
             x, y = self._cached[1]
-            sl = slice(i * run.batch_size, (i + 1) * run.batch_size)
+            sl = slice(i * run.batch_size, min((i + 1) * run.batch_size, run.n_train))
             return {"pixel_values": x[sl], "labels": y[sl]}
 
     data = EpochData()
@@ -656,11 +694,41 @@ def _fit_tf(run: _Run) -> None:
 _TRAINERS: dict[str, Callable[[_Run], None]] = {"torch": _fit_torch, "tf": _fit_tf, "flax": _fit_flax}
 
 
+def _distributed_context(framework: str) -> tuple[Any, int, bool]:
+    """``distributed=True``: ``(engine handle, devices the global batch is split over, whether this process is
+    rank 0)`` from :mod:`trivit.distributed` — torch: the ``torchrun`` process group (DDP, one process per
+    device); flax: a data-parallel ``Mesh`` over every device; tf: ``MirroredStrategy`` over the local GPUs.
+    ``TRIVIT_TF_LOGICAL_DEVICES=N`` (a testing aid) splits the CPU into N logical TF devices and mirrors over them."""
+    from trivit import distributed
+
+    if framework == "torch":
+        try:
+            ctx = distributed.init_torch_distributed()
+        except RuntimeError as e:
+            raise TrainingError(f"--distributed with --framework torch runs one process per device under torchrun: "
+                                f"`torchrun --nproc_per_node N -m trivit.cli train --distributed ...` ({e})") from None
+        return ctx, ctx.world_size, ctx.rank == 0
+    if framework == "flax":
+        import_quietly("jax")
+        mesh = distributed.jax_mesh()
+        return mesh, int(mesh.size), True
+    tf = import_quietly("tensorflow")
+    devices, n = None, int(os.environ.get("TRIVIT_TF_LOGICAL_DEVICES") or 0)
+    if n > 1:  # must run before TF initialises its devices
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        devices = [f"/cpu:{i}" for i in range(n)]
+    with native_log_filter():
+        strategy = distributed.tf_strategy(devices)
+    return strategy, int(strategy.num_replicas_in_sync), True
+
+
 def fit(framework: str, model: str | os.PathLike[str] | ViTConfig, train: Dataset, val: Dataset, *, epochs: int,
         out: str | os.PathLike[str], batch_size: int = 32, lr: float = 1e-3, resume: bool = False,
         dtype: str = "float32", gradient_checkpointing: bool = False, image_size: int | None = None, seed: int = 0,
         progress: bool = True, schedule: str = "constant", weight_decay: float = 0.01, augment: bool = True,
-        processor: ViTImageProcessor | None = None, log: Callable[[str], None] = print) -> History:
+        processor: ViTImageProcessor | None = None, log: Callable[[str], None] = print,
+        distributed: bool = False) -> History:
     """Fine-tune a ViT classifier on ``train`` for ``epochs`` (the total, counting resumed ones), evaluating
     on ``val`` and checkpointing into ``out`` after every epoch; returns the :class:`History`.
 
@@ -669,6 +737,9 @@ def fit(framework: str, model: str | os.PathLike[str] | ViTConfig, train: Datase
     embeddings once (see :func:`resize_position_embeddings`). ``train``/``val`` pixels must already be at
     the model's input size. ``dtype``: ``"float32"`` or ``"bf16"`` (bf16 compute, fp32 weights).
     ``resume``: continue from ``out`` (its weights, optimizer state, schedule position and history).
+    ``distributed``: data parallel over processes / devices (see :func:`_distributed_context`): every step
+    is the single-process step on the same global batch of ``batch_size`` (which must divide by the device
+    count); ``len(train) % devices`` examples are left out of each epoch; only rank 0 writes, logs and shows a bar.
     """
     if framework not in _TRAINERS:
         raise TrainingError(f"--framework {framework!r}: choose one of {list(_TRAINERS)}")
@@ -684,8 +755,18 @@ def fit(framework: str, model: str | os.PathLike[str] | ViTConfig, train: Datase
     if train.id2label != val.id2label:
         raise TrainingError("train and validation data have different labels")
     out = Path(out)
-    history, start, opt_file = History(framework), 0, None
-    with tempfile.TemporaryDirectory(prefix="trivit-train-") as scratch:
+    history, start, opt_file, dist = History(framework), 0, None, (None, 1, True)
+    with tempfile.TemporaryDirectory(prefix="trivit-train-") as scratch, contextlib.ExitStack() as cleanup:
+        if distributed:
+            dist = _distributed_context(framework)
+            if framework == "torch":
+                from trivit.distributed import close_torch_distributed
+
+                cleanup.callback(close_torch_distributed)
+            if batch_size % dist[1]:
+                raise TrainingError(f"--distributed: the global --batch-size {batch_size} must be a multiple of the "
+                                    f"{dist[1]} {'processes' if framework == 'torch' else 'devices'}")
+            progress, log = progress and dist[2], (log if dist[2] else lambda _: None)
         if resume:
             state_path = out / STATE_FILE
             if not state_path.is_file():
@@ -716,6 +797,7 @@ def fit(framework: str, model: str | os.PathLike[str] | ViTConfig, train: Datase
         out.mkdir(parents=True, exist_ok=True)
         run = _Run(framework, source, train, val, epochs, start, batch_size, lr, weight_decay, schedule, seed,
                    dtype in ("bf16", "bfloat16"), gradient_checkpointing, augment, progress, out,
-                   processor or ViTImageProcessor(size={"height": want[0], "width": want[1]}), history, opt_file, log)
+                   processor or ViTImageProcessor(size={"height": want[0], "width": want[1]}), history, opt_file, log,
+                   *dist)
         _TRAINERS[framework](run)
     return history
