@@ -276,3 +276,12 @@ def test_resave_switches_layout_cleanly(tmp_path):
     assert not (path / "model.safetensors").exists() and (path / "model.safetensors.index.json").exists()
     model.save_pretrained(path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    """Atomic writes stage through mkstemp (0600); the files in place have open()'s usual 0666 & ~umask."""
+    _, path = _save(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -20,6 +20,16 @@ from typing import Any, BinaryIO
 __all__ = ["atomic_write", "atomic_write_json", "staged_files"]
 
 
+def _default_file_mode() -> int:
+    """0666 minus the process umask: what ``open(path, "w")`` would give the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def _fsync_dir(folder: Path) -> None:
     # Make the rename itself durable; not every platform lets a folder be opened.
     with contextlib.suppress(OSError):
@@ -53,6 +63,7 @@ def staged_files(folder: str | os.PathLike[str]) -> Iterator[Callable[[str], Bin
         if os.sep in name or (os.altsep and os.altsep in name):
             raise ValueError(f"staged file name must be a plain file name, got {name!r}")
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a checkpoint gets a normal file's permissions
         staged.append((tmp, name))
         fh = os.fdopen(fd, "wb")
         handles.append(fh)
