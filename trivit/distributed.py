@@ -34,7 +34,6 @@ API (what ``trivit train --distributed`` calls)::
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,6 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from trivit.quiet import quiet_frameworks
 
 __all__ = [
     "TorchContext",
@@ -63,13 +64,6 @@ __all__ = [
 
 #: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _quiet_frameworks() -> None:
-    """No TF/XLA/absl log chatter on the user's terminal (must run before TF or JAX is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 def rank_shard(batch: Mapping[str, Any], rank: int, world_size: int) -> dict[str, Any]:
@@ -188,7 +182,7 @@ def init_jax_distributed(coordinator_address: str | None = None, num_processes: 
     environment); elsewhere pass ``coordinator_address="host0:1234"``, ``num_processes`` and this
     host's ``process_id``. Afterwards ``jax.devices()`` lists every host's devices.
     """
-    _quiet_frameworks()
+    quiet_frameworks()
     import jax
 
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -202,7 +196,7 @@ def jax_mesh(data: int | None = None, model: int = 1, devices: Any = None) -> An
     ``len(devices) // model``. The batch is split over "data"; ``model > 1`` splits parameters and
     optimizer state over "model" (see :func:`jax_param_shardings`), ``model == 1`` is pure data parallel.
     """
-    _quiet_frameworks()
+    quiet_frameworks()
     import jax
     from jax.sharding import Mesh
 
@@ -288,7 +282,7 @@ def tf_strategy(devices: list[str] | None = None) -> Any:
     (summed) each step. ``devices`` defaults to every local GPU (the CPU when there is none), e.g.
     ``["/gpu:0", "/gpu:1"]``. For several hosts use ``tf.distribute.MultiWorkerMirroredStrategy``
     (see docs/distributed.md)."""
-    _quiet_frameworks()
+    quiet_frameworks()
     import tensorflow as tf
 
     return tf.distribute.MirroredStrategy(devices)

@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
-import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trivit.quiet import import_quietly, quiet_frameworks
 
 __all__ = ["add_parser", "run", "find_images", "EXIT_OK", "EXIT_USAGE", "EXIT_SKIPPED"]
 
@@ -192,52 +191,10 @@ def _load_processor(folder: Path, config: Any, note: Callable[[str], None]) -> A
         raise UsageError(f"{file}: {e}") from None
 
 
-def _quiet_frameworks() -> None:
-    """No TF / absl / JAX log chatter on the user's terminal (before any framework is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for name in ("absl", "jax._src.xla_bridge", "tensorflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-
-
-#: Native (C++) log lines that frameworks print while they load: absl's pre-init notice and glog-style
-#: INFO / WARNING lines (``I0000 00:00:1796219983.353866   19991 port.cc:153] ...``); E/F lines are kept.
-_NATIVE_CHATTER = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\]")
-
-
-@contextlib.contextmanager
-def _filter_native_chatter() -> Iterator[None]:
-    """Catch what is written to file descriptor 2 (TF's C++ logging ignores ``TF_CPP_MIN_LOG_LEVEL`` before
-    absl is initialised) and pass everything but :data:`_NATIVE_CHATTER` lines on to stderr afterwards."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
-                if not _NATIVE_CHATTER.match(line):
-                    sys.stderr.write(line)
-
-
 def _import_framework(framework: str) -> Any:
     module = {"torch": "vit_torch", "tf": "vit_tf", "flax": "vit_flax"}[framework]
     try:
-        with _filter_native_chatter():
-            return __import__(module)
+        return import_quietly(module)
     except ImportError as e:
         extra = {"torch": "torch", "tf": "tf", "flax": "flax"}[framework]
         raise UsageError(f"--framework {framework}: {module} does not import ({e}); "
@@ -249,7 +206,7 @@ def _load_model(framework: str, class_name: str, folder: Path, note: Callable[[s
     from vit_core import CheckpointError
     from vit_core.config import ConfigError
 
-    _quiet_frameworks()
+    quiet_frameworks()
     module = _import_framework(framework)
     prefix = {"torch": "", "tf": "TF", "flax": "Flax"}[framework]
     cls = getattr(module, prefix + class_name)
