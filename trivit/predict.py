@@ -24,25 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from trivit.quiet import import_quietly, quiet_frameworks
+from trivit.folders import (FRAMEWORKS, MODEL_TYPES, PREFIXES, UsageError, import_framework, load_processor,
+                            read_image, read_json)
+from trivit.quiet import quiet_frameworks
 
 __all__ = ["add_parser", "run", "find_images", "EXIT_OK", "EXIT_USAGE", "EXIT_SKIPPED"]
 
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
-FRAMEWORKS = ("torch", "tf", "flax")
-#: config.json ``model_type`` -> (class name without the framework prefix, config class name in vit_core).
-_MODEL_TYPES = {"vit": ("ViTForImageClassification", "ViTConfig"),
-                "vit-hybrid": ("ViTHybridForImageClassification", "ViTHybridConfig")}
-#: ``image_processor_type`` values read as the hybrid processor (HF's BiT processor has the same steps).
-_HYBRID_PROCESSORS = {"ViTHybridImageProcessor", "BitImageProcessor"}
-_PLAIN_PROCESSORS = {"ViTImageProcessor", "ViTFeatureExtractor", None}
-
 #: ``(pixels (N, C, H, W) float32, interpolate_pos_encoding) -> (N, num_labels) float32 logits``, in one framework.
 Forward = Callable[[np.ndarray, bool], np.ndarray]
-
-
-class UsageError(Exception):
-    """A problem with the command line or the model folder: exit code 2, one line on stderr."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -113,36 +103,7 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
     return unique, skipped
 
 
-def _read_image(path: Path) -> Any:
-    """Decode one file into an RGB-convertible PIL image, EXIF orientation applied (as HF's ``load_image``)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
-    except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read") from None
-    except IsADirectoryError:
-        raise ValueError("is a folder") from None
-    except OSError as e:
-        raise ValueError(f"cannot read it: {e.strerror or e}") from None
-    except (SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read it: {e}") from None
-
-
 # ------------------------------------------------------------------------------------ model folder
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _load_config(folder: Path) -> tuple[str, Any]:
     """``(model class name without framework prefix, vit_core config)`` from ``folder/config.json``."""
     import vit_core
@@ -153,10 +114,10 @@ def _load_config(folder: Path) -> tuple[str, Any]:
     file = folder / "config.json"
     if not file.is_file():
         raise UsageError(f"--model {folder}: no config.json in that folder")
-    model_type = _read_json(file).get("model_type", "vit")
-    if model_type not in _MODEL_TYPES:
-        raise UsageError(f"{file}: model_type {model_type!r} is not one trivit predicts with ({list(_MODEL_TYPES)})")
-    class_name, config_class = _MODEL_TYPES[model_type]
+    model_type = read_json(file).get("model_type", "vit")
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"{file}: model_type {model_type!r} is not one trivit predicts with ({list(MODEL_TYPES)})")
+    class_name, config_class = MODEL_TYPES[model_type]
     try:
         config = getattr(vit_core, config_class).from_pretrained(folder)
     except (ConfigError, ValueError, TypeError) as e:
@@ -168,48 +129,14 @@ def _load_config(folder: Path) -> tuple[str, Any]:
     return class_name, config
 
 
-def _load_processor(folder: Path, config: Any, note: Callable[[str], None]) -> Any:
-    """The folder's saved processor, or a ``ViTImageProcessor`` sized to the config (said on stderr)."""
-    from vit_core import ViTHybridImageProcessor, ViTImageProcessor
-    from vit_core.image_processing import CONFIG_NAME
-
-    file = folder / CONFIG_NAME
-    if not file.is_file():
-        h, w = config.image_hw
-        note(f"no {CONFIG_NAME} in {folder}: using ViTImageProcessor defaults resized to {h}x{w} "
-             "(bilinear, mean/std 0.5)")
-        return ViTImageProcessor(size={"height": h, "width": w})
-    data = _read_json(file)
-    kind = data.get("image_processor_type", data.get("feature_extractor_type"))
-    cls = ViTHybridImageProcessor if kind in _HYBRID_PROCESSORS else ViTImageProcessor
-    if kind not in _HYBRID_PROCESSORS | _PLAIN_PROCESSORS:
-        note(f"{file}: image_processor_type {kind!r} is not a ViT processor; reading it as ViTImageProcessor")
-    data.pop("feature_extractor_type", None)
-    try:
-        return cls.from_dict(data)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{file}: {e}") from None
-
-
-def _import_framework(framework: str) -> Any:
-    module = {"torch": "vit_torch", "tf": "vit_tf", "flax": "vit_flax"}[framework]
-    try:
-        return import_quietly(module)
-    except ImportError as e:
-        extra = {"torch": "torch", "tf": "tf", "flax": "flax"}[framework]
-        raise UsageError(f"--framework {framework}: {module} does not import ({e}); "
-                         f"install it with pip install 'trivit[{extra}]'") from None
-
-
 def _load_model(framework: str, class_name: str, folder: Path, note: Callable[[str], None]) -> Forward:
     """Load the classifier in ``framework`` and return its fp32 forward pass on numpy NCHW pixels."""
     from vit_core import CheckpointError
     from vit_core.config import ConfigError
 
     quiet_frameworks()
-    module = _import_framework(framework)
-    prefix = {"torch": "", "tf": "TF", "flax": "Flax"}[framework]
-    cls = getattr(module, prefix + class_name)
+    module = import_framework(framework)
+    cls = getattr(module, PREFIXES[framework] + class_name)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -307,7 +234,7 @@ def _predict(paths: list[Path], processor: Any, config: Any, forward: Forward, a
             batch: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}  # same-shape images run together
             for path in chunk:
                 try:
-                    pixels = processor(_read_image(path), return_tensors="np").pixel_values[0]
+                    pixels = processor(read_image(path), return_tensors="np").pixel_values[0]
                 except ValueError as e:
                     results.skipped.append((str(path), str(e)))
                     say(f"trivit predict: skipped {path}: {e}")
@@ -367,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         if not paths:
             reasons = "; ".join(f"{p}: {why}" for p, why in missing)
             raise UsageError(f"no images found in {' '.join(args.inputs)}" + (f" ({reasons})" if reasons else ""))
-        processor = _load_processor(folder, config, note)
+        processor = load_processor(folder, config, note)
         forward = _load_model(args.framework, class_name, folder, note)
     except UsageError as e:
         print(f"trivit predict: error: {e}", file=sys.stderr)
