@@ -50,8 +50,9 @@ class WeightStandardizedConv2d(nn.Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         """The standardised kernel. Without autograd (inference) it is computed once and cached until the
-        weight changes (in place, dtype or device); HF recomputes it on every call."""
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+        weight changes (in place, dtype or device); HF recomputes it on every call. Under ``torch.compile``
+        the compiled graph computes it (no Python-side cache to guard on)."""
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
             return self._standardize()
         w = self.weight
         key = (w._version, w.data_ptr(), w.dtype, w.device)
