@@ -41,6 +41,8 @@ __all__ = [
     "backbone_rows",
     "kinds_of",
     "float_array",
+    "MAX_EXPANSION",
+    "check_array",
     "require_hf_legacy_class",
 ]
 
@@ -231,6 +233,24 @@ def kinds_of(model_class: str, config: ViTConfig, flags: Mapping[str, bool]) -> 
     return {s.name: s.kind for s in param_specs(model_class, config, **flags)}
 
 
+#: A container holds at most this many bytes of array data per byte of file (deflate's ceiling is ~1032:1).
+MAX_EXPANSION = 1100
+
+
+def check_array(source: object, key: str, shape: tuple[int, ...], dtype: np.dtype, file_size: int,
+                expansion: int | None = None) -> None:
+    """Refuse, before reading it, an array whose header names a non-numeric dtype or more data than a
+    ``file_size``-byte container can hold (``expansion`` bytes per file byte, default
+    :data:`MAX_EXPANSION`): a corrupt header must not make a reader allocate more than the file could
+    ever expand to."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "fiu" and dtype.name != "bfloat16":
+        raise CheckpointError(f"{source}: {key!r} has dtype {dtype}, not a number array")
+    if any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize > (expansion or MAX_EXPANSION) * file_size + 4096:
+        raise CheckpointError(f"{source}: {key!r} claims shape {list(shape)} {dtype}, more data than the "
+                              f"{file_size}-byte file can hold; the file is corrupt")
+
+
 def float_array(arr: np.ndarray) -> np.ndarray:
     """A float array as is; bfloat16 (ml_dtypes) widened exactly to float32."""
     return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr
@@ -244,7 +264,7 @@ class Converted:
     model_class: str
     state: LazyState
     flags: dict[str, bool] = field(default_factory=dict)
-    description: str = ""  # one line for the CLI: "12 layers, width 768, ..."
+    description: str = ""  # what was read, e.g. the npz flavour and block spelling; summary() appends it
 
     def __iter__(self):  # ``config, model_class, state = read_xxx(...)``
         return iter((self.config, self.model_class, self.state))
@@ -264,6 +284,7 @@ class Converted:
             f"{backbone}{c.num_hidden_layers} layers, width {c.hidden_size}, {c.num_attention_heads} heads, "
             f"MLP {c.intermediate_size}, patch {c.patch_size}, image {c.image_size}, {head}, "
             f"act {c.hidden_act}, eps {c.layer_norm_eps:g} -> {self.model_class}"
+            + (f" [{self.description}]" if self.description else "")
         )
 
     def check(self) -> None:

@@ -3,8 +3,10 @@
 (Verifying a conversion numerically runs models, so it lives above the frameworks: ``trivit.convert.verify``.)
 
 Atomicity of the destination: everything is written into a fresh sibling folder
-``.DST.convert-XXXX`` which is renamed to ``DST`` only when complete; on any error it is
-removed, so a failed conversion leaves no ``DST`` at all. ``DST`` must not exist (or be empty).
+``.DST.trivit-PID-XXXX.tmp`` which is renamed to ``DST`` only when complete; on any error it is
+removed, so a failed conversion leaves no ``DST`` at all. ``DST`` must not exist (or be empty). A
+staging folder that a killed conversion left (its process gone) is removed by the next conversion
+to the same ``DST``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
+from vit_core.atomic import os_error_cause, stale_temporaries, temp_prefix
 from vit_core.checkpoint import write_checkpoint
 from vit_core.pretrained import saved_config_dict
 
@@ -84,13 +87,18 @@ def convert_to(conv: Converted, dst: str | os.PathLike[str], fmt: str = "hf", *,
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists; choose a new destination (conversions never overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
+    for stale in stale_temporaries(dst.parent, dst.name):  # a killed conversion's staging folder
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(dst.name), suffix=".tmp", dir=dst.parent))
     try:
         written = write_converted(conv, staging, fmt, _Progress(conv, TARGET_FORMATS[fmt], progress, force_progress))
         if dst.is_dir():
             dst.rmdir()  # empty, checked above
         os.rename(staging, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot convert into {dst}: {os_error_cause(e)}; {dst} was not created and "
+                                   "nothing was left beside it") from e
         raise
     return [dst / p.name for p in written]

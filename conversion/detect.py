@@ -38,13 +38,13 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist")
     if p.suffix == ".npz":
-        from .npz import npz_flavour
+        from .npz import NPZ_ERRORS, npz_flavour
 
         try:
             with zipfile.ZipFile(p) as z:
                 keys = {n.removesuffix(".npy") for n in z.namelist()}
-        except (OSError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"{p}: not a readable .npz archive ({e})") from None
+        except NPZ_ERRORS as e:
+            raise CheckpointError(f"{p}: not a readable .npz archive ({type(e).__name__}: {e})") from None
         return npz_flavour(keys)
     if p.suffix == ".safetensors" or p.suffix in _TORCH_SUFFIXES:
         from .timm import load_flat_state, looks_like_timm

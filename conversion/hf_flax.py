@@ -25,7 +25,7 @@ from vit_core.pretrained import saved_config_dict
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import Kind, from_kernel_layout, to_kernel_layout
 
-from .common import LazyState, float_array, kinds_of, require_hf_legacy_class
+from .common import LazyState, check_array, float_array, kinds_of, require_hf_legacy_class
 
 __all__ = ["FLAX_WEIGHTS_NAME", "read_flax_msgpack_state", "write_flax_msgpack"]
 
@@ -52,23 +52,34 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
 
 
 def read_flax_msgpack_state(path: str | os.PathLike[str]) -> LazyState:
-    """Decode ``flax_model.msgpack`` into ``{canonical name: array in PyTorch layout}``."""
+    """Decode ``flax_model.msgpack`` into ``{canonical name: array in PyTorch layout}``.
+
+    Decoding allocates no more than the file's bytes (msgpack lengths are checked against the
+    buffer; flax's array leaves are views of it); leaves must be numeric arrays.
+    """
     serialization = _serialization()
     path = Path(path)
     try:
-        tree = serialization.msgpack_restore(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        tree = serialization.msgpack_restore(data)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # msgpack raises several types (ExtraData, ValueError, ...) on corrupt data
         raise CheckpointError(f"{path}: corrupt or truncated flax msgpack ({type(e).__name__}: {e})") from None
+    if isinstance(tree, Mapping) and set(tree) == {"params"}:
+        tree = tree["params"]
     if not isinstance(tree, Mapping) or not tree:
-        raise CheckpointError(f"{path}: expected a parameter tree, found {type(tree).__name__}")
-    tree = tree.get("params", tree) if set(tree) == {"params"} else tree
+        raise CheckpointError(f"{path}: expected a parameter tree (a map of names), found {type(tree).__name__}")
     entries = {}
     for keys, leaf in _flatten(tree).items():
         if not isinstance(leaf, np.ndarray) and not hasattr(leaf, "shape"):
             raise CheckpointError(f"{path}: leaf {'/'.join(keys)!r} is a {type(leaf).__name__}, not an array")
-        arr = float_array(np.asarray(leaf))
+        arr = np.asarray(leaf)
+        check_array(path, "/".join(keys), arr.shape, arr.dtype, len(data))
+        arr = float_array(arr)
         parts = list(keys)
         kind = Kind.EMBEDDING
         if parts[-1] == "kernel":

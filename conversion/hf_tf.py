@@ -15,11 +15,9 @@ A file holding more than the ``vit`` layer (a ``classifier``) gets the ``vit.`` 
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from vit_core.pretrained import saved_config_dict
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import BASE_MODEL_PREFIX, Kind, from_kernel_layout, to_kernel_layout
 
-from .common import LazyState, float_array, kinds_of, require_hf_legacy_class
+from .common import LazyState, check_array, float_array, kinds_of, require_hf_legacy_class
 
 __all__ = ["TF_WEIGHTS_NAME", "read_tf_h5_state", "write_tf_h5"]
 
@@ -50,16 +48,29 @@ def _h5py() -> Any:
     return h5py
 
 
+#: What h5py raises on a corrupt or odd file (HDF5's own errors come as OSError / KeyError / RuntimeError).
+_H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError)
+
+
 def _read_attr_list(group: Any, name: str) -> list[str]:
     """A string-list attribute, joined back from Keras' chunks ``name0``, ``name1``, ... if split."""
     if name in group.attrs:
-        values = list(group.attrs[name])
+        chunks = [group.attrs[name]]
     else:
-        values, i = [], 0
+        chunks, i = [], 0
         while f"{name}{i}" in group.attrs:
-            values += list(group.attrs[f"{name}{i}"])
+            chunks.append(group.attrs[f"{name}{i}"])
             i += 1
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    values: list[str] = []
+    for chunk in chunks:
+        arr = np.asarray(chunk)
+        if arr.ndim != 1 or arr.dtype.kind not in "SUO":
+            raise ValueError(f"attribute {name!r} is {arr.dtype} of shape {list(arr.shape)}, not a list of names")
+        for v in arr:
+            if not isinstance(v, (bytes, str)):
+                raise ValueError(f"attribute {name!r} holds a {type(v).__name__}, not a name")
+            values.append(v.decode("utf-8") if isinstance(v, bytes) else v)
+    return values
 
 
 def _write_attr_list(group: Any, name: str, values: list[str]) -> None:
@@ -108,14 +119,19 @@ def _to_tf_path(name: str, kind: Kind) -> str:
 
 
 def read_tf_h5_state(path: str | os.PathLike[str]) -> LazyState:
-    """Open ``tf_model.h5`` lazily as ``{canonical name: array in PyTorch layout}``."""
+    """Open ``tf_model.h5`` lazily as ``{canonical name: array in PyTorch layout}``.
+
+    Every listed weight must be a numeric dataset whose size fits the file (:func:`~conversion.common.
+    check_array`): a corrupt header never makes the reader allocate more than the file can hold.
+    """
     h5py = _h5py()
     path = Path(path)
     try:
+        file_size = path.stat().st_size
         f = h5py.File(path, "r")
         layers = _read_attr_list(f, "layer_names")
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable Keras HDF5 weight file ({e})") from None
+    except _H5_ERRORS as e:
+        raise CheckpointError(f"{path}: not a readable Keras HDF5 weight file ({type(e).__name__}: {e})") from None
     if not layers:
         raise CheckpointError(f"{path}: no 'layer_names' attribute; not a Keras HDF5 weight file")
     has_head = any(layer != BASE_MODEL_PREFIX for layer in layers)
@@ -124,14 +140,18 @@ def read_tf_h5_state(path: str | os.PathLike[str]) -> LazyState:
         try:
             group = f[layer]
             names = _read_attr_list(group, "weight_names")
-        except (KeyError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: layer {layer!r} is listed but unreadable ({e})") from None
+        except _H5_ERRORS as e:
+            raise CheckpointError(f"{path}: layer {layer!r} is listed but unreadable ({type(e).__name__}: {e})") from None
         for weight in names:
             try:
                 ds = group[weight]
-                shape = tuple(ds.shape)
-            except (KeyError, OSError, ValueError) as e:
-                raise CheckpointError(f"{path}: weight {weight!r} of layer {layer!r} is unreadable ({e})") from None
+                if not isinstance(ds, h5py.Dataset):
+                    raise TypeError(f"a {type(ds).__name__}, not a dataset")
+                shape, dtype, contiguous = tuple(ds.shape), ds.dtype, ds.chunks is None
+            except _H5_ERRORS as e:
+                raise CheckpointError(f"{path}: weight {weight!r} of layer {layer!r} is unreadable ({type(e).__name__}: {e})") from None
+            # HF / Keras store weights contiguously (the data must then be in the file); chunked ones may compress
+            check_array(path, weight, shape, dtype, file_size, expansion=1 if contiguous else None)
             name, kind = _to_canonical("/".join(weight.split("/")[1:]), len(shape))
             if not has_head:
                 name = name.removeprefix(f"{BASE_MODEL_PREFIX}.")
@@ -141,35 +161,15 @@ def read_tf_h5_state(path: str | os.PathLike[str]) -> LazyState:
             def load(ds: Any = ds, kind: Kind = kind, weight: str = weight) -> np.ndarray:
                 try:
                     arr = np.asarray(ds[()])
-                except (OSError, ValueError) as e:
-                    raise CheckpointError(f"{path}: weight {weight!r} cannot be read ({e}); truncated file?") from None
+                except _H5_ERRORS as e:
+                    raise CheckpointError(f"{path}: weight {weight!r} cannot be read ({type(e).__name__}: {e}); "
+                                          "truncated file?") from None
                 return np.ascontiguousarray(from_kernel_layout(kind, float_array(arr)))
 
-            dummy = np.empty(shape, dtype=np.uint8)  # only to compute the transposed shape
-            entries[name] = (tuple(from_kernel_layout(kind, dummy).shape), load)
+            # a zero-stride stand-in of the right shape: the layout's transpose without allocating the tensor
+            stand_in = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape, (0,) * len(shape))
+            entries[name] = (tuple(from_kernel_layout(kind, stand_in).shape), load)
     return LazyState(path, entries)
-
-
-def _copy_file(src: Any, dst: Any) -> None:
-    """Copy an open file into another in the kernel (``sendfile``) where possible, else in 1 MiB
-    pieces: the copy never holds more than a small buffer, whatever the model size."""
-    dst.flush()
-    size = os.fstat(src.fileno()).st_size
-    try:
-        sent = 0
-        while sent < size:
-            n = os.sendfile(dst.fileno(), src.fileno(), sent, size - sent)
-            if n == 0:
-                break
-            sent += n
-        if sent == size:
-            return
-    except (AttributeError, OSError):
-        pass
-    src.seek(0)
-    dst.seek(0)
-    dst.truncate()
-    shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def write_tf_h5(
@@ -188,36 +188,91 @@ def write_tf_h5(
     flags = dict(flags or {})
     require_hf_legacy_class(model_class, flags, "TensorFlow", _TF_MODEL_NAMES)
     kinds = kinds_of(model_class, config, flags)
-    model_name = _TF_MODEL_NAMES[model_class]
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{TF_WEIGHTS_NAME}.", suffix=".build", dir=folder)
-    os.close(fd)
-    try:
-        layers: dict[str, list[str]] = {}
-        with h5py.File(tmp, "w") as f:
-            for name, value in state.items():
-                if name not in kinds:
-                    raise CheckpointError(f"tensor {name!r} is not in the {model_class} table; cannot write {TF_WEIGHTS_NAME}")
-                arr = value() if callable(value) else value
-                layer = name.split(".")[0] if model_class != "ViTModel" else BASE_MODEL_PREFIX
-                tf_name = name if model_class != "ViTModel" else f"{BASE_MODEL_PREFIX}.{name}"
-                weight = f"{model_name}/{_to_tf_path(tf_name, kinds[name])}:0"
-                group = f.require_group(layer)
-                group.create_dataset(weight, data=np.ascontiguousarray(to_kernel_layout(kinds[name], np.asarray(arr))))
-                layers.setdefault(layer, []).append(weight)
-            for layer, weights in layers.items():
-                _write_attr_list(f[layer], "weight_names", weights)
-            _write_attr_list(f, "layer_names", list(layers))
-            f.attrs["backend"] = b"tensorflow"
-            f.attrs["keras_version"] = b"2.15.0"
-        config_dict = saved_config_dict(config, model_class, "float32")
-        with staged_files(folder) as open_staged:
-            with open_staged(CONFIG_NAME) as fh:
-                fh.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-            with open_staged(TF_WEIGHTS_NAME) as fh, open(tmp, "rb") as src:
-                _copy_file(src, fh)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    config_dict = saved_config_dict(config, model_class, "float32")
+    with staged_files(folder) as stage:
+        with stage(CONFIG_NAME) as fh:
+            fh.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        with open(stage.path(TF_WEIGHTS_NAME), "r+b") as raw:
+            sink = _DeferredErrors(raw)
+            try:
+                _write_h5(h5py, sink, state, kinds, model_class)
+            except Exception:
+                if sink.error is None:
+                    raise
+            if sink.error is not None:  # the disk's error, not the one HDF5 made of it
+                raise sink.error
     return [folder / CONFIG_NAME, folder / TF_WEIGHTS_NAME]
+
+
+class _DeferredErrors(io.RawIOBase):
+    """The file h5py writes through: HDF5 must never see a failed write (libhdf5 crashes closing a file
+    after one, e.g. at a full disk or the file size limit). The first ``OSError`` is kept, later writes are
+    dropped (the file is a temporary that is then removed), and the writer raises the kept error."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.error = raw, None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return 0 if self.error is not None else self.raw.readinto(b)
+
+    def write(self, b: Any) -> int:
+        n = memoryview(b).nbytes
+        if self.error is None:
+            try:
+                self.raw.write(b)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as e:
+                self.error = e
+        return self.raw.tell() if size is None else size
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.raw.flush()
+            except OSError as e:
+                self.error = e
+
+
+def _write_h5(h5py: Any, path: Any, state: Mapping[str, Any], kinds: Mapping[str, Kind], model_class: str) -> None:
+    """The Keras-2 HDF5 weight file (layout in the module docstring) at ``path`` (a file name or object)."""
+    model_name = _TF_MODEL_NAMES[model_class]
+    layers: dict[str, list[str]] = {}
+    with h5py.File(path, "w") as f:
+        for name, value in state.items():
+            if name not in kinds:
+                raise CheckpointError(f"tensor {name!r} is not in the {model_class} table; cannot write {TF_WEIGHTS_NAME}")
+            arr = value() if callable(value) else value
+            layer = name.split(".")[0] if model_class != "ViTModel" else BASE_MODEL_PREFIX
+            tf_name = name if model_class != "ViTModel" else f"{BASE_MODEL_PREFIX}.{name}"
+            weight = f"{model_name}/{_to_tf_path(tf_name, kinds[name])}:0"
+            group = f.require_group(layer)
+            group.create_dataset(weight, data=np.ascontiguousarray(to_kernel_layout(kinds[name], np.asarray(arr))))
+            layers.setdefault(layer, []).append(weight)
+        for layer, weights in layers.items():
+            _write_attr_list(f[layer], "weight_names", weights)
+        _write_attr_list(f, "layer_names", list(layers))
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.15.0"

@@ -135,11 +135,11 @@ def _backbone_key(name: str) -> str:
     return _BACKBONE + re.sub(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2.", name)
 
 
-def _backbone_config(keys: set[str], shape: Callable[[str], tuple[int, ...]], path: object,
+def _backbone_config(keys: set[str], shape: Callable[..., tuple[int, ...]], path: object,
                      num_groups: int | None) -> BitConfig:
     """The BiT backbone of a timm hybrid, from its stem and ``conv3`` (out, mid, 1, 1) kernel shapes."""
-    stem, channels, _, _ = shape(f"{_BACKBONE}stem.conv.weight")
-    units = {(int(m.group(1)), int(m.group(2))): shape(k)[1::-1] for k in keys if (m := _UNIT_CONV3.match(k))}
+    stem, channels, _, _ = shape(f"{_BACKBONE}stem.conv.weight", 4)
+    units = {(int(m.group(1)), int(m.group(2))): shape(k, 4)[1::-1] for k in keys if (m := _UNIT_CONV3.match(k))}
     return bit_config_from_units(path, num_channels=channels, embedding_size=stem, units=units,
                                  num_groups=num_groups, **TIMM_BIT_NUMERICS)
 
@@ -163,24 +163,29 @@ def read_timm(
     keys = set(raw)
     _refuse(keys, path)
 
-    def shape(k: str) -> tuple[int, ...]:
+    def shape(k: str, ndim: int | None = None) -> tuple[int, ...]:
         if k not in raw:
             raise CheckpointError(f"{path}: timm key {k!r} is missing")
-        return raw.shape(k) if isinstance(raw, SafetensorsFile) else tuple(raw[k].shape)
+        got = raw.shape(k) if isinstance(raw, SafetensorsFile) else tuple(raw[k].shape)
+        if ndim is not None and len(got) != ndim:
+            raise CheckpointError(f"{path}: timm key {k!r} has shape {list(got)}, expected {ndim} dimensions")
+        return got
 
-    width, channels, patch, _ = shape("patch_embed.proj.weight")
+    width, channels, patch, _ = shape("patch_embed.proj.weight", 4)
     bit = None
     if any(k.startswith(_BACKBONE) for k in keys):
         bit = _backbone_config(keys, shape, path, num_groups)
         channels = bit.num_channels  # the projection reads the feature map, not the pixels
     elif num_groups is not None:
         raise CheckpointError(f"{path}: num_groups applies to hybrid (CNN backbone) checkpoints only; this is a plain ViT")
-    depth = 1 + max(int(m.group(1)) for k in keys if (m := _BLOCK.match(k)))
-    mlp = shape("blocks.0.mlp.fc1.weight")[0]
+    depth = 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK.match(k))), default=-1)
+    if depth == 0:
+        raise CheckpointError(f"{path}: no transformer blocks (blocks.N.*) in the timm checkpoint")
+    mlp = shape("blocks.0.mlp.fc1.weight", 2)[0]
     heads = heads_for_width(width, num_heads, path)
     qkv_bias = "blocks.0.attn.qkv.bias" in keys
 
-    tokens = shape("pos_embed")[1]
+    tokens = shape("pos_embed", 3)[1]
     class_row = True
     if image_size is None:
         grid = math.isqrt(tokens - 1)
@@ -201,7 +206,7 @@ def read_timm(
             raise CheckpointError(f"{path}: pos_embed has {tokens} rows; image_size {image_size} needs {n + 1}")
         class_row = tokens == n + 1
 
-    head_classes = shape("head.weight")[0] if "head.weight" in keys else 0
+    head_classes = shape("head.weight", 2)[0] if "head.weight" in keys else 0
     if num_labels is not None and num_labels not in (0, head_classes):
         raise CheckpointError(
             f"{path}: the timm head has {head_classes} classes; --num-labels {num_labels} would need a new, "

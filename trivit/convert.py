@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             if not worst <= 1e-4:
                 print("verify FAILED: the converted model disagrees with the source", file=sys.stderr)
                 return 1
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:  # OSError: FileNotFoundError, FileExistsError, a full disk, ...
         print(f"trivit convert: error: {e}", file=sys.stderr)
         return 2
     return 0
