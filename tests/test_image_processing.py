@@ -17,6 +17,7 @@ from vit_core import image_processing
 from vit_core.image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor
 
 from tolerances import PROCESSOR_ATOL as ATOL  # noqa: E402
+from tolerances import REDUCING_GAP_MAX_DIFF  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,50 @@ def test_batch_feature_attribute_access(photos):
         out.nope  # noqa: B018
 
 
+# ---- speed paths: threads, the uint8 table, reducing_gap -------------------------------------------
+
+
+def test_threads_and_table_are_bit_exact(photos):
+    """Every thread count gives HF's bits exactly (uint8 pixels go through the table, floats do not)."""
+    images = [Image.fromarray(p) for p in photos] * 3
+    expected = hf_pixels(images)
+    for threads in (None, 1, 2, 5):
+        np.testing.assert_array_equal(ViTImageProcessor()(images, num_threads=threads).pixel_values, expected)
+    floats = [p.astype(np.float32) / 255 for p in photos]
+    np.testing.assert_array_equal(ViTImageProcessor()(floats, do_rescale=False, num_threads=2).pixel_values,
+                                  hf_pixels(floats, do_rescale=False))
+    custom = {"rescale_factor": 1 / 127, "image_mean": [0.1, 0.7, 0.3], "image_std": [0.05, 2.0, 0.9]}
+    np.testing.assert_array_equal(ViTImageProcessor(**custom)(images[:2]).pixel_values,
+                                  hf_pixels(images[:2], **custom))
+
+
+def test_reducing_gap_is_opt_in_and_bounded(photos):
+    """Pillow's two-step downscale: faster, not HF's pixels; the bound is the one measured (tolerances.py)."""
+    images = [Image.fromarray(p) for p in photos]
+    out = ViTImageProcessor()(images, reducing_gap=1.0).pixel_values
+    diff = np.abs(out - hf_pixels(images))
+    assert 1e-3 < diff.max() <= REDUCING_GAP_MAX_DIFF
+    np.testing.assert_array_equal(ViTImageProcessor()(images, reducing_gap=3.0).pixel_values, hf_pixels(images))
+
+
+def test_thread_pool_after_fork(photos):
+    """A forked child (a DataLoader worker) gets its own pool instead of the parent's dead threads."""
+    code = ("import os, numpy as np; from vit_core import ViTImageProcessor as P\n"
+            "x = [np.zeros((40, 30, 3), np.uint8)] * 4; a = P()(x, num_threads=2).pixel_values\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n    os._exit(0 if np.array_equal(P()(x, num_threads=2).pixel_values, a) else 3)\n"
+            "_, status = os.waitpid(pid, 0); raise SystemExit(os.waitstatus_to_exitcode(status))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("kwargs", [{"num_threads": 0}, {"num_threads": 1.5}, {"num_threads": True},
+                                    {"reducing_gap": 0.5}, {"reducing_gap": "2"}])
+def test_bad_speed_arguments(photos, kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"`{name}` must be None or"):
+        ViTImageProcessor()(photos[0], **kwargs)
+
+
 # ---- other frameworks ---------------------------------------------------------------------------
 
 
@@ -172,9 +217,10 @@ def test_return_tensors_tf(photos):
     np.testing.assert_allclose(out.numpy(), hf_pixels(photos[0]), rtol=0, atol=ATOL)
 
 
-def test_return_tensors_jax(photos):
+@pytest.mark.parametrize("name", ["jax", "flax"])
+def test_return_tensors_jax(photos, name):
     jnp = pytest.importorskip("jax.numpy")
-    out = ViTImageProcessor()(photos[0], return_tensors="jax").pixel_values
+    out = ViTImageProcessor()(photos[0], return_tensors=name).pixel_values
     assert isinstance(out, jnp.ndarray)
     np.testing.assert_allclose(np.asarray(out), hf_pixels(photos[0]), rtol=0, atol=ATOL)
 
@@ -270,7 +316,7 @@ def test_bad_resample():
         ViTImageProcessor(resample=17)
 
 
-@pytest.mark.parametrize("bad", ["cat.jpg", 3.0, None, [[1.0, 2.0]]])
+@pytest.mark.parametrize("bad", [3.0, None, [[1.0, 2.0]]])
 def test_wrong_input_type(bad):
     with pytest.raises(TypeError, match="images must be"):
         ViTImageProcessor()(bad)

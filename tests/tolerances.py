@@ -54,3 +54,25 @@ DEMO_LOGIT_ATOL = 1e-4
 #: change of its step (each step moves a weight by up to ~lr). Measured (CPU): torch 1.2e-5, flax 7.6e-6, tf 4.6e-7;
 #: a rank stepping on its own shard only would be off by ~lr = 1e-3.
 DIST_TRAIN_ATOL = 5e-5
+#: Opt-in ``reducing_gap=1.0`` (Pillow's box reduce by an integer factor, then the filter) vs HF's exact resize:
+#: max |pixel_values difference| on the two 427x640 sample photos at 224x224 bilinear, mean 0.5 / std 0.5 (output
+#: range [-1, 1], one uint8 level = 0.0078). Measured (CPU): 0.141 max, 0.006 mean; bound with headroom.
+REDUCING_GAP_MAX_DIFF = 0.2
+#: vit_tf SavedModel's in-graph preprocessing (serve_images) vs ViTImageProcessor, pixel_values, absolute. The resize
+#: is Pillow's integer arithmetic (byte-identical uint8 images, checked exactly); only the float32 normalisation
+#: differs: measured 2.4e-7 (1-2 ulp of values ~2: TF's float32 divide by std vs numpy's).
+PIXEL_VALUES_GRAPH_ATOL = 1e-6
+#: TFLite dynamic-range quantisation (int8 weights, activations quantised on the fly) vs the fp32 .tflite: max |logit
+#: difference| / max |logit|. Quantisation error, not a bug bound. Measured (tiny classifier, initializer_range 0.2):
+#: 4.1e-2 on china/flower (logits up to 0.73), 1.8e-2 on random pixels (logits up to 2.4); HF's 0.02 init: 1.2e-2.
+TFLITE_DYNAMIC_RANGE_RTOL = 0.1
+#: trivit bench's FLOP formula vs the issue's "ViT-B/16 ~ 35.1 GFLOP per image at 224": that figure has three
+#: significant digits (the formula gives 35.13e9), so it pins the count to +-0.15%; a missing term (the attention
+#: products alone are 1.4 GFLOP, the patch embedding 0.23) would be far outside.
+BENCH_FLOP_RTOL = 1.5e-3
+#: vit_flax.export_stablehlo of a dtype=bfloat16 model vs the same live model, on the logits, magnitude-scaled
+#: (bound = this * max(1, max|live logits|)): 4 bf16 ulps at |x| in [1, 2). Why not exact: the live model runs
+#: eagerly, rounding every op's result to bf16, while the exported module is compiled and XLA fuses elementwise
+#: chains (rounding once per fusion). Measured (CPU, tiny classifier, 6 seeds x 3 batches of 3, |logits| 0.6-1.7):
+#: at most 1.56e-2 absolute, 1.1e-2 of max(1, |logits|) (vs the same model under jax.jit: 0, bit-identical).
+BF16_EXPORT_ATOL = 2**-5

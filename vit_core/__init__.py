@@ -6,7 +6,7 @@ Imports only numpy, Pillow and the standard library (tested): no torch, tensorfl
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import ConfigError, ViTConfig
 from .config_hybrid import BitConfig, ViTHybridConfig
-from .image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor
+from .image_processing import BatchFeature, ViTFeatureExtractor, ViTImageProcessor, ViTImageProcessorFast
 from .image_processing_vit_hybrid import ViTHybridImageProcessor
 from .safetensors_io import CheckpointError
 
@@ -20,6 +20,7 @@ __all__ = [
     "ViTHybridConfig",
     "ViTHybridImageProcessor",
     "ViTImageProcessor",
+    "ViTImageProcessorFast",
     "read_checkpoint",
     "write_checkpoint",
 ]

@@ -3,7 +3,7 @@
 Only numpy and Pillow are needed; torch / TensorFlow / JAX are imported lazily, and only when the
 caller hands in one of their arrays or asks for ``return_tensors="pt" | "tf" | "jax"``.
 
-The numerics follow transformers 4.x step for step, so outputs match HF to float32 rounding:
+The numerics follow transformers 4.x step for step, so outputs are HF's, bit for bit in every case tested:
 
 1. resize through Pillow: a float image that is all integers is cast to uint8 as is, a float image
    in [0, 1] is scaled by 255 (float64, then float32) and *truncated* to uint8, resized, then
@@ -23,25 +23,41 @@ Deliberate differences from HF (each only where HF fails or is ambiguous):
 * ``size={"shortest_edge": s[, "longest_edge": m]}`` resizes keeping the aspect ratio, with HF's
   rounding (HF's ViT processor raises on it); other HF size dicts are rejected up front.
 * Unknown ``preprocess`` keyword arguments raise ``TypeError`` instead of being dropped with a warning.
+* A path (``str`` / ``os.PathLike``) or the encoded bytes of an image file is read as HF's
+  ``image_utils.load_image`` reads a path: decoded by Pillow, then its EXIF orientation applied. A PIL
+  image is used as given, its EXIF orientation *not* applied, as in HF. Undecodable, truncated or
+  missing files, images over Pillow's ``Image.MAX_IMAGE_PIXELS`` and float images holding NaN or
+  infinity raise one ``ValueError`` naming the image (``images[3]: ...``); HF raises whatever Pillow or
+  numpy raise, or passes NaN through.
+
+Speed (see docs/image_processing.md): each image is resized as a PIL image (a PIL input is never turned
+into an array first), images are spread over a thread pool (Pillow and numpy release the GIL), and a
+uint8 image is rescaled and normalized in one step through a 256-entry table per channel, computed by
+the float steps above, so the output is the same bits as HF's. ``reducing_gap`` opts into Pillow's
+faster, inexact two-step downscale.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import io
 import json
 import os
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .atomic import atomic_write_json
 
-__all__ = ["BatchFeature", "ViTFeatureExtractor", "ViTImageProcessor", "CONFIG_NAME"]
+__all__ = ["BatchFeature", "ViTFeatureExtractor", "ViTImageProcessor", "ViTImageProcessorFast", "CONFIG_NAME"]
 
 CONFIG_NAME = "preprocessor_config.json"
 _FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
@@ -49,7 +65,13 @@ _FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_
 _DROPPED_KEYS = ("image_processor_type", "feature_extractor_type")
 _SIZE_KEYS = (("height", "width"), ("shortest_edge",), ("shortest_edge", "longest_edge"))
 _RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
-_FRAMEWORKS = {"pt": ("torch", "torch"), "tf": ("tensorflow", "tf"), "jax": ("jax.numpy", "flax")}
+_FRAMEWORKS = {"pt": ("torch", "torch"), "tf": ("tensorflow", "tf"), "jax": ("jax.numpy", "flax"),
+               "flax": ("jax.numpy", "flax")}
+#: PIL modes resized as they are (Pillow's resize is the one HF reaches through ``Image.fromarray``).
+_PIL_RESIZE_MODES = ("RGB", "L", "RGBA")
+#: PIL modes an array can be made of without ``do_convert_rgb`` (others, e.g. "1" or "P", need it).
+_PIL_ARRAY_MODES = ("RGB", "L", "LA", "RGBA", "I;16", "I", "F")
+_BYTES = (bytes, bytearray, memoryview)
 _feature_extractor_warned = False
 
 
@@ -90,6 +112,9 @@ def _size_dict(size: Any, name: str = "size",
                          f"{keys}; got {size!r}")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size.values()):
         raise ValueError(f"`{name}` values must be positive ints, got {dict(size)!r}")
+    if size.get("longest_edge", np.inf) <= size.get("shortest_edge", 0):
+        raise ValueError(f"`{name}['longest_edge']` ({size['longest_edge']}) must exceed "
+                         f"`{name}['shortest_edge']` ({size['shortest_edge']})")
     return dict(size)
 
 
@@ -108,8 +133,6 @@ def _target_hw(size: Mapping[str, int], height: int, width: int) -> tuple[int, i
     new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
     max_size = size.get("longest_edge")
     if max_size is not None:
-        if max_size <= new_short:
-            raise ValueError(f"`size['longest_edge']` ({max_size}) must exceed `size['shortest_edge']`")
         if new_long > max_size:
             new_short, new_long = int(max_size * new_short / new_long), max_size
     return (new_long, new_short) if width <= height else (new_short, new_long)
@@ -129,16 +152,17 @@ def _as_array(image: Any) -> np.ndarray:
         elif root in ("jax", "jaxlib"):
             array = np.asarray(image)
         else:
-            raise TypeError("images must be PIL images, numpy arrays or torch / TensorFlow / JAX "
-                            f"tensors (or a list of them), got {type(image).__module__}.{type(image).__name__}")
+            raise TypeError("images must be PIL images, numpy arrays, torch / TensorFlow / JAX tensors, "
+                            "image file paths or encoded image bytes (or a list of them), got "
+                            f"{type(image).__module__}.{type(image).__name__}")
     if array.dtype.kind not in "uif":
         raise TypeError(f"image arrays must have an integer or float dtype, got {array.dtype}")
     return array
 
 
-def _flatten(images: Any) -> list[Image.Image | np.ndarray]:
-    """One image, a 4-D batch or (nested) lists of them → a flat list of PIL images and arrays."""
-    if isinstance(images, Image.Image):
+def _flatten(images: Any) -> list[Any]:
+    """One image, a 4-D batch or (nested) lists of them → a flat list of PIL images, arrays, paths, bytes."""
+    if isinstance(images, (Image.Image, str, os.PathLike, *_BYTES)):
         return [images]
     if isinstance(images, (list, tuple)):
         return [image for item in images for image in _flatten(item)]
@@ -151,10 +175,61 @@ def _flatten(images: Any) -> list[Image.Image | np.ndarray]:
     return [array]
 
 
+def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> Image.Image:
+    """Decode an image file (path or bytes) as HF's ``load_image`` does: Pillow, then EXIF orientation.
+
+    Raises ValueError for a missing, unreadable, truncated or oversized (``Image.MAX_IMAGE_PIXELS``) file.
+    """
+    if isinstance(source, _BYTES):
+        data = bytes(source)
+        what, file = f"{len(data)} bytes", io.BytesIO(data)
+    else:
+        what, file = repr(os.fspath(source)), source
+        if not os.path.isfile(file):
+            raise ValueError(f"no image file at {what} (URLs are not fetched)")
+    try:
+        with Image.open(file) as image:  # closes the file; exif_transpose returns a new image
+            _check_pixels(image)
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Image.UnidentifiedImageError as err:
+        raise ValueError(f"cannot read an image from {what}: UnidentifiedImageError: not a format Pillow "
+                         "identifies") from err
+    except ValueError as err:
+        raise ValueError(f"cannot read an image from {what}: {err}") from err
+    except Exception as err:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"cannot read an image from {what}: {type(err).__name__}: {err}") from err
+
+
+def _check_pixels(image: Image.Image) -> None:
+    """Refuse an image over Pillow's decompression-bomb limit (Pillow itself only warns below 2x)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise ValueError(f"the image is {image.width}x{image.height} = {image.width * image.height} pixels, "
+                         f"over PIL.Image.MAX_IMAGE_PIXELS = {limit}")
+
+
+def _load(image: Image.Image) -> None:
+    """Decode a lazily opened PIL image now, so that a truncated or broken file is one ValueError."""
+    try:
+        image.load()
+    except Exception as err:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"cannot decode the PIL image: {type(err).__name__}: {err}") from err
+
+
+def _convert_rgb(image: Image.Image) -> Image.Image:
+    """``image.convert("RGB")`` (as HF's ``convert_to_rgb``), a failure as one ValueError."""
+    try:
+        return image.convert("RGB")
+    except Exception as err:  # a decoded file of an exotic mode or with a broken palette
+        raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: "
+                         f"{type(err).__name__}: {err}") from err
+
+
 def _to_hwc(image: Image.Image | np.ndarray, layout: str | None, convert_rgb: bool) -> tuple[np.ndarray, str]:
     """Channels-last array for one image, plus the layout it came in (given or inferred as HF does)."""
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB") if convert_rgb and image.mode != "RGB" else image)
+        image = np.asarray(image)
         layout = "channels_last"
     if image.ndim == 2:
         image, layout = image[..., None], "channels_last"
@@ -173,27 +248,41 @@ def _to_hwc(image: Image.Image | np.ndarray, layout: str | None, convert_rgb: bo
     if not 1 <= image.shape[-1] <= 4 or 0 in image.shape:
         raise ValueError(f"images must have 1-4 channels and non-zero height and width; got an "
                          f"image of shape {image.shape} (channels last)")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError("the image holds NaN or infinite values")
     if convert_rgb and image.shape[-1] != 3:  # gray → RGB, gray + alpha → RGB, RGBA → RGB
         image = image[..., :3] if image.shape[-1] == 4 else np.repeat(image[..., :1], 3, axis=-1)
     return image, layout
 
 
-def _pil_resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    """Resize a channels-last array through Pillow exactly as HF's ``image_transforms.resize``."""
+def _as_uint8(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """HF's cast of a channels-last array to uint8 for Pillow, and whether it was scaled from [0, 1]."""
+    if image.dtype == np.uint8:
+        return image, False
+    low, high = image.min(), image.max()
+    if low < 0 or high > 255:
+        raise ValueError(f"images must hold integers in [0, 255] or floats in [0, 1] to be resized, got "
+                         f"values in [{low}, {high}] (pass do_resize=False, or rescale them)")
+    if image.dtype.kind == "f" and not np.allclose(image, image.astype(int)):  # HF's "integer-valued" test
+        if high > 1:
+            raise ValueError(f"float images must lie in [0, 1] or hold integers in [0, 255] to be resized, "
+                             f"got values in [{low}, {high}]")
+        return (image.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
+    return image.astype(np.uint8), False
+
+
+def _pil_resize(image: np.ndarray | Image.Image, height: int, width: int, resample: int,
+                reducing_gap: float | None = None) -> np.ndarray:
+    """Resize through Pillow exactly as HF's ``image_transforms.resize``; a channels-last array back.
+
+    A PIL image (of a mode in ``_PIL_RESIZE_MODES``) is resized as it is, which is what HF's
+    array → ``Image.fromarray`` round trip hands to Pillow. A float array in [0, 1] comes back float32.
+    """
     scaled = False
-    if image.dtype != np.uint8:
-        if np.allclose(image, image.astype(int)):
-            if image.min() < 0 or image.max() > 255:
-                raise ValueError(f"integer-valued images must lie in [0, 255], got "
-                                 f"[{image.min()}, {image.max()}]")
-        elif image.min() >= 0 and image.max() <= 1:
-            scaled = True
-            image = (image.astype(np.float64) * 255).astype(np.float32)
-        else:
-            raise ValueError(f"float images must lie in [0, 1] or hold integers in [0, 255], got "
-                             f"[{image.min()}, {image.max()}]")
-    pil = Image.fromarray((image[..., 0] if image.shape[-1] == 1 else image).astype(np.uint8))
-    out = np.array(pil.resize((width, height), resample=resample))
+    if not isinstance(image, Image.Image):
+        image, scaled = _as_uint8(image)
+        image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = np.asarray(image.resize((width, height), resample=resample, reducing_gap=reducing_gap))
     out = out[..., None] if out.ndim == 2 else out
     return (out.astype(np.float64) * (1 / 255)).astype(np.float32) if scaled else out
 
@@ -206,20 +295,105 @@ def _per_channel(values: Any, channels: int, name: str, dtype: np.dtype) -> np.n
     return array
 
 
+def _tensor_kind(return_tensors: Any) -> str | None:
+    """``return_tensors`` validated: None, "np" or a key of ``_FRAMEWORKS``."""
+    kind = _enum_value(return_tensors)
+    if kind not in (None, "np", *_FRAMEWORKS):
+        raise ValueError(f"`return_tensors` must be None, 'np', 'pt', 'tf', 'jax' or 'flax', got {kind!r}")
+    return kind
+
+
 def _to_framework(array: np.ndarray, return_tensors: Any) -> Any:
     """Hand ``array`` back as numpy (None / "np") or as a torch / TensorFlow / JAX array."""
-    kind = _enum_value(return_tensors)
+    kind = _tensor_kind(return_tensors)
     if kind in (None, "np"):
         return array
-    if kind not in _FRAMEWORKS:
-        raise ValueError(f"`return_tensors` must be None, 'np', 'pt', 'tf' or 'jax', got {kind!r}")
     module, extra = _FRAMEWORKS[kind]
     try:
         lib = importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"return_tensors={kind!r} needs {module.split('.')[0]}: "
                           f"pip install 'trivit[{extra}]'") from err
-    return getattr(lib, {"pt": "from_numpy", "tf": "convert_to_tensor", "jax": "asarray"}[kind])(array)
+    return getattr(lib, {"pt": "from_numpy", "tf": "convert_to_tensor"}.get(kind, "asarray"))(array)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """One call's settings, after validation."""
+
+    do_resize: bool
+    size: dict[str, int]
+    resample: int
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    mean: Any
+    std: Any
+    convert_rgb: bool
+    layout: str | None
+    reducing_gap: float | None
+
+    def rescale_normalize(self, image: np.ndarray) -> np.ndarray:
+        """HF's rescale then normalize on a channels-last array, in HF's dtypes and order of operations."""
+        if self.do_rescale:
+            image = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(image.dtype, np.floating):
+                image = image.astype(np.float32)
+            channels = image.shape[-1]
+            image = (image - _per_channel(self.mean, channels, "image_mean", image.dtype)) / _per_channel(
+                self.std, channels, "image_std", image.dtype)
+        return image
+
+    def table(self, channels: int) -> np.ndarray:
+        """(channels, 256) float32: :meth:`rescale_normalize` of every uint8 value, per channel.
+
+        The steps are elementwise, so looking a pixel up here gives the bits they would give it.
+        """
+        values = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], channels, axis=2)
+        return np.ascontiguousarray(self.rescale_normalize(values)[0].T, dtype=np.float32)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _forget_pools() -> None:
+    """In a forked child (a DataLoader worker): the parent's threads are gone, so are their pools."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _map(function: Callable[[int, Any], Any], items: Sequence[Any], threads: int) -> list[Any]:
+    """``[function(i, item) ...]`` over a pool of ``threads`` threads when that is > 1; the first error, in order."""
+    threads = min(threads, len(items))
+    if threads <= 1:
+        return [function(index, item) for index, item in enumerate(items)]
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, "trivit-images")
+    return list(pool.map(function, range(len(items)), items))
+
+
+def _indexed(index: int, function: Callable[[], Any]) -> Any:
+    """Run ``function``; a ValueError / TypeError it raises is re-raised naming ``images[index]``."""
+    try:
+        return function()
+    except ValueError as err:
+        raise ValueError(f"images[{index}]: {err}") from err
+    except TypeError as err:
+        raise TypeError(f"images[{index}]: {err}") from err
 
 
 class ViTImageProcessor:
@@ -266,58 +440,102 @@ class ViTImageProcessor:
                    image_std: float | Sequence[float] | None = None,
                    do_convert_rgb: bool | None = None, return_tensors: str | None = None,
                    data_format: str | None = "channels_first",
-                   input_data_format: str | None = None) -> BatchFeature:
+                   input_data_format: str | None = None, *, reducing_gap: float | None = None,
+                   num_threads: int | None = None) -> BatchFeature:
         """Turn one image or a batch into ``BatchFeature(pixel_values=(N, C, H, W) float32)``.
 
         ``images``: a PIL image, a numpy / torch / TF / JAX array (H, W), (H, W, C), (C, H, W) or a
-        4-D batch of those, or a list of any of these. Every other argument overrides the
-        instance's setting for this call only. ``data_format`` is "channels_first",
-        "channels_last" or None (same layout as the input); ``input_data_format`` is inferred
-        per image when None.
+        4-D batch of those, an image file path or its bytes, or a list of any of these. Every other
+        argument but the last two overrides the instance's setting for this call only.
+        ``data_format`` is "channels_first", "channels_last" or None (same layout as the first
+        input); ``input_data_format`` is inferred per image when None. ``return_tensors``: None /
+        "np" (numpy), "pt", "tf", "jax" (or "flax").
+
+        Keyword only, trivit's own: ``reducing_gap`` (None: exact; a float >= 1: Pillow's faster
+        two-step downscale, *not* equal to HF, see docs/image_processing.md); ``num_threads`` (images
+        processed at once; default: the CPUs this process may use; 1: all in the calling thread).
         """
         do_resize, do_rescale = _pick(do_resize, self.do_resize), _pick(do_rescale, self.do_rescale)
-        do_normalize = _pick(do_normalize, self.do_normalize)
-        size = self._parse_size(_pick(size, self.size))
-        resample = _resample(_pick(resample, self.resample))
-        rescale_factor = _pick(rescale_factor, self.rescale_factor)
-        mean, std = _pick(image_mean, self.image_mean), _pick(image_std, self.image_std)
-        convert_rgb = bool(_pick(_pick(do_convert_rgb, self.do_convert_rgb), True))
-        layout = _enum_value(input_data_format)
+        if reducing_gap is not None and (isinstance(reducing_gap, bool) or not isinstance(reducing_gap, (int, float))
+                                         or not reducing_gap >= 1):
+            raise ValueError(f"`reducing_gap` must be None or a number >= 1, got {reducing_gap!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"`num_threads` must be None or an int >= 1, got {num_threads!r}")
+        steps = _Steps(
+            do_resize=do_resize, size=self._parse_size(_pick(size, self.size)),
+            resample=_resample(_pick(resample, self.resample)), do_rescale=do_rescale,
+            rescale_factor=_pick(rescale_factor, self.rescale_factor),
+            do_normalize=_pick(do_normalize, self.do_normalize), mean=_pick(image_mean, self.image_mean),
+            std=_pick(image_std, self.image_std),
+            convert_rgb=bool(_pick(_pick(do_convert_rgb, self.do_convert_rgb), True)),
+            layout=_enum_value(input_data_format), reducing_gap=reducing_gap)
+        data_format = _enum_value(data_format)
+        if data_format not in (None, "channels_first", "channels_last"):
+            raise ValueError(f"`data_format` must be 'channels_first' or 'channels_last', got {data_format!r}")
+        _tensor_kind(return_tensors)  # before the work
 
         flat = _flatten(images)
         if not flat:
             raise ValueError("`images` is empty")
-        arrays, layouts = zip(*(_to_hwc(image, layout, convert_rgb) for image in flat))
-        first = arrays[0]
-        if do_rescale and first.dtype != np.uint8 and first.min() >= 0 and first.max() <= 1:
-            warnings.warn("images look already rescaled to [0, 1] but do_rescale=True rescales them "
-                          "again; pass do_rescale=False for such images", UserWarning, stacklevel=2)
-        out = []
-        for image in arrays:
-            if do_resize:
-                image = _pil_resize(image, *self._resize_hw(size, *image.shape[:2]), resample)
-            image = self._after_resize(image)
-            if do_rescale:
-                image = (image.astype(np.float64) * rescale_factor).astype(np.float32)
-            if do_normalize:
-                if not np.issubdtype(image.dtype, np.floating):
-                    image = image.astype(np.float32)
-                channels = image.shape[-1]
-                image = (image - _per_channel(mean, channels, "image_mean", image.dtype)) / _per_channel(
-                    std, channels, "image_std", image.dtype)
-            out.append(image.astype(np.float32))
-        if len({image.shape for image in out}) > 1:
-            raise ValueError("images differ in shape after preprocessing and cannot be batched: "
-                             f"{sorted({image.shape for image in out})}; resize them to one size")
-        batch = np.stack(out)
-        data_format = _enum_value(data_format) or layouts[0]
-        if data_format == "channels_first":
-            batch = batch.transpose(0, 3, 1, 2)
-        elif data_format != "channels_last":
-            raise ValueError(f"`data_format` must be 'channels_first' or 'channels_last', got {data_format!r}")
-        return BatchFeature(pixel_values=_to_framework(np.ascontiguousarray(batch), return_tensors))
+        for index, image in enumerate(flat):  # here, not in the pool: lazily opened files are not thread-safe
+            if isinstance(image, Image.Image):
+                _indexed(index, lambda: _load(image))
+        threads = _default_threads() if num_threads is None else num_threads
+        prepared = _map(lambda i, image: _indexed(i, lambda: self._prepare(i, image, steps)), flat, threads)
+        first_of: dict[tuple[int, ...], int] = {}
+        for index, (array, _) in enumerate(prepared):
+            first_of.setdefault(array.shape, index)
+        if len(first_of) > 1:
+            shapes = ", ".join(f"images[{index}] is {shape}" for shape, index in first_of.items())
+            raise ValueError(f"images differ in shape after preprocessing and cannot be batched ({shapes}, "
+                             "height, width, channels); resize them to one size")
+        height, width, channels = prepared[0][0].shape
+        channels_first = (data_format or prepared[0][1]) == "channels_first"
+        table = steps.table(channels)  # also validates image_mean / image_std against the channels
+        out = np.empty((len(flat), channels, height, width) if channels_first else (len(flat), height, width, channels),
+                       dtype=np.float32)
+
+        def finish(index: int, item: tuple[np.ndarray, str]) -> None:
+            image, target = item[0], out[index]
+            if image.dtype == np.uint8:  # one table look-up per pixel: HF's float steps, bit for bit
+                for c in range(channels):
+                    np.take(table[c], image[..., c], out=target[c] if channels_first else target[..., c], mode="clip")
+            else:
+                image = steps.rescale_normalize(image)
+                target[...] = image.transpose(2, 0, 1) if channels_first else image
+
+        _map(finish, prepared, threads)
+        return BatchFeature(pixel_values=_to_framework(out, return_tensors))
 
     __call__ = preprocess
+
+    def _prepare(self, index: int, image: Any, steps: _Steps) -> tuple[np.ndarray, str]:
+        """One input → (channels-last array after resize and :meth:`_after_resize`, its input layout).
+
+        The array is uint8 except for float / int inputs that are not resized (then their own dtype)
+        and float inputs in [0, 1] that are (float32, as HF).
+        """
+        if isinstance(image, (str, os.PathLike, *_BYTES)):
+            image = _open(image)
+        if isinstance(image, Image.Image):
+            if steps.convert_rgb and image.mode != "RGB":
+                image = _convert_rgb(image)
+            elif image.mode not in _PIL_ARRAY_MODES:
+                raise ValueError(f"a PIL image of mode {image.mode!r} needs do_convert_rgb=True "
+                                 f"(modes used as they are: {', '.join(_PIL_ARRAY_MODES)})")
+            if steps.do_resize and image.mode in _PIL_RESIZE_MODES:  # straight to Pillow, no array round trip
+                height, width = self._resize_hw(steps.size, image.height, image.width)
+                resized = _pil_resize(image, height, width, steps.resample, steps.reducing_gap)
+                return self._after_resize(resized), "channels_last"
+        array, layout = _to_hwc(image, steps.layout, steps.convert_rgb)
+        if index == 0 and steps.do_rescale and array.dtype != np.uint8 and array.min() >= 0 and array.max() <= 1:
+            warnings.warn("images look already rescaled to [0, 1] but do_rescale=True rescales them "
+                          "again; pass do_rescale=False for such images", UserWarning, stacklevel=5)
+        if steps.do_resize:
+            height, width = self._resize_hw(steps.size, *array.shape[:2])
+            array = _pil_resize(array, height, width, steps.resample, steps.reducing_gap)
+        return self._after_resize(array), layout
 
     # ---- hooks for subclasses (ViTHybridImageProcessor) -----------------------------------------
 
@@ -377,6 +595,16 @@ class ViTImageProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+class ViTImageProcessorFast(ViTImageProcessor):
+    """HF's name for the batched processor, so ``ViTImageProcessorFast`` imports and configs keep working.
+
+    trivit's :class:`ViTImageProcessor` already is the fast, batched path (same code, same bits);
+    this class differs only in its name, which :meth:`to_dict` writes as ``image_processor_type``.
+    HF's own ``ViTImageProcessorFast`` resizes with torchvision, whose output differs from Pillow's;
+    this one gives the Pillow (HF ``ViTImageProcessor``) result.
+    """
 
 
 class ViTFeatureExtractor(ViTImageProcessor):

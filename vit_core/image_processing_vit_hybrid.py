@@ -14,10 +14,12 @@ rescale, and the hybrid checkpoints' defaults (transformers 4.x):
 * ``do_rescale=True``, ``rescale_factor=1/255``, ``do_normalize=True``, OpenAI CLIP mean / std;
 * ``do_convert_rgb=True``.
 
-Input kinds, layouts, ``return_tensors`` and ``preprocessor_config.json`` handling are those of
-``ViTImageProcessor`` (its module docstring lists where it deliberately differs from HF: arrays with
-1, 2 or 4 channels are converted to RGB, channel layout is inferred per image, ``pixel_values`` is
-always one float32 array, unknown keyword arguments raise ``TypeError``). Here, in addition:
+Input kinds (paths and image bytes included), layouts, ``return_tensors``, the errors naming
+``images[i]``, the speed paths (``num_threads``, ``reducing_gap``, the exact uint8 table) and
+``preprocessor_config.json`` handling are those of ``ViTImageProcessor`` (its module docstring lists
+where it deliberately differs from HF: arrays with 1, 2 or 4 channels are converted to RGB, channel
+layout is inferred per image, ``pixel_values`` is always one float32 array, unknown keyword arguments
+raise ``TypeError``). The crop works on the resized uint8 pixels, before the table. Here, in addition:
 
 * :meth:`~ViTHybridImageProcessor.preprocess` takes every argument but ``images`` by keyword only
   (HF also accepts them by position);
