@@ -64,7 +64,7 @@ def resolve_pretrained_args(
     return _pretrained.resolve_pretrained_args(model_cls, path, config, kwargs, config_class, read_file=read_foreign_file)
 
 
-def match_checkpoint(specs: list[ParamSpec], path: Path, **options: Any) -> tuple[Mapping[str, Any], LoadPlan]:
+def match_checkpoint(specs: list[ParamSpec], path: Path, **options: Any) -> tuple[CheckpointState, LoadPlan]:
     """:func:`vit_core.pretrained.match_checkpoint` reading every HF format (see :func:`read_checkpoint`)."""
     options.setdefault("stacklevel", 5)  # one frame more than the core's default: this one
     return _pretrained.match_checkpoint(specs, path, read=read_checkpoint, **options)

@@ -109,7 +109,7 @@ def test_bad_pixels_name_the_problem(shape, match):
 
 
 def test_too_small_for_the_backbone_with_interpolation():
-    model = vit_torch.ViTHybridModel(tiny(patch_size=2)).eval()
+    model = vit_torch.ViTHybridModel(tiny(patch_size=3)).eval()  # a 3×3 map at 48 px: one token
     with pytest.raises(ValueError, match="too small: its patch grid is 0\\*0"):
         model(torch.zeros(1, 3, 16, 16), interpolate_pos_encoding=True)
 

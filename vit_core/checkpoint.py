@@ -29,7 +29,7 @@ import numpy as np
 from .atomic import staged_files
 from .config import CONFIG_NAME
 from .torch_pickle import load_torch_file
-from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, tensor_info, write_safetensors
+from .safetensors_io import CheckpointError, MappedTensor, SafetensorsFile, TensorInfo, tensor_info, write_safetensors
 
 __all__ = [
     "SAFE_WEIGHTS_NAME",
@@ -79,6 +79,21 @@ class CheckpointState(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._where)
 
+    def read(self, key: str) -> np.ndarray:
+        """``key``'s tensor as a fresh, writable, C-contiguous array owned by the caller; from a safetensors
+        file it is read straight into that array (no memory map left resident: see
+        :meth:`~vit_core.safetensors_io.SafetensorsFile.read`), from any other part copied once."""
+        part = self._where[key]
+        if isinstance(part, SafetensorsFile):
+            return part.read(key)
+        return np.array(part[key], order="C")
+
+    def mapped(self, key: str) -> MappedTensor | None:
+        """Where ``key``'s bytes lie in a private copy-on-write map of a safetensors file, for zero-copy
+        wrapping; None for tensors of other formats (or unaligned ones): :meth:`read` those."""
+        part = self._where[key]
+        return part.mapped(key) if isinstance(part, SafetensorsFile) else None
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         out = {}
         for key, part in self._where.items():
@@ -94,21 +109,34 @@ def find_weights(folder: str | os.PathLike[str]) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"no weight file in {folder}; looked for {list(WEIGHT_FILES)}")
+    present = sorted(p.name for p in folder.iterdir())
+    shown = present[:20] + ([f"... {len(present) - 20} more"] if len(present) > 20 else [])
+    raise FileNotFoundError(f"no weight file in {folder}; looked for {list(WEIGHT_FILES)}, found {shown}")
 
 
-def _read_index(index: Path) -> list[Path]:
+def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """A sharded checkpoint's index: (``weight_map`` key → shard name, the shard paths), all checked."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a valid sharded-checkpoint index ({e!r})") from None
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: cannot read the sharded-checkpoint index ({e})") from None
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: the sharded-checkpoint index is not valid JSON ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: a sharded-checkpoint index needs a 'weight_map' object of key -> shard file name, got "
+            f"{type(doc).__name__ if not isinstance(doc, dict) else repr(doc.get('weight_map'))[:200]}"
+        )
+    shards = sorted(set(weight_map.values()))
     for shard in shards:
-        if Path(shard).name != shard:
+        if Path(shard).name != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name")
         if not (index.parent / shard).is_file():
-            raise CheckpointError(f"{index}: shard {shard!r} is listed but missing")
-    return [index.parent / s for s in shards]
+            raise CheckpointError(f"{index}: shard {shard!r} is listed but missing (expected at {index.parent / shard})")
+    return weight_map, [index.parent / s for s in shards]
 
 
 #: Per-suffix readers for weight files the core cannot decode itself: ``{suffix: reader(path)}``.
@@ -136,16 +164,19 @@ def read_checkpoint(path: str | os.PathLike[str], *, readers: ForeignReaders | N
     file = find_weights(p) if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}")
-    if file.name.endswith(".index.json"):
-        shards = _read_index(file)
-    else:
-        shards = [file]
+    weight_map, shards = _read_index(file) if file.name.endswith(".index.json") else (None, [file])
     parts: list[Mapping[str, np.ndarray]] = [
         SafetensorsFile(s) if s.suffix == ".safetensors"
         else _read_foreign(s, readers) if s.suffix in (".h5", ".msgpack")
         else load_torch_file(s)
         for s in shards
     ]
+    if weight_map is not None:
+        by_name = dict(zip((s.name for s in shards), parts))
+        absent = [f"{k} (in {v})" for k, v in weight_map.items() if k not in by_name[v]]
+        if absent:
+            raise CheckpointError(f"{file}: the index lists keys their shards do not hold: {absent[:20]}"
+                                  + (f" and {len(absent) - 20} more" if len(absent) > 20 else ""))
     return CheckpointState(file, parts)
 
 

@@ -7,8 +7,13 @@ Every default lives here and only here. Unknown keys found in a ``config.json`` 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 import os
+import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +21,10 @@ from typing import Any, ClassVar, TypeVar
 
 from .atomic import atomic_write_json
 
-__all__ = ["ConfigError", "ViTConfig", "SUPPORTED_ACTIVATIONS", "CONFIG_NAME", "VIT_VARIANTS"]
+__all__ = [
+    "ConfigError", "ViTConfig", "SUPPORTED_ACTIVATIONS", "CONFIG_NAME", "VIT_VARIANTS", "MAX_PARAMETERS",
+    "MAX_NUM_LABELS", "SUPPORTED_MODEL_TYPES", "check_field_types",
+]
 
 CONFIG_NAME = "config.json"
 
@@ -52,10 +60,112 @@ VIT_VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "H": (1280, 32, 16, 5120),
 }
 VIT_PATCH_SIZES: tuple[int, ...] = (8, 14, 16, 32)
+#: A config whose largest model would hold more parameters than this is refused before anything is
+#: allocated (a typo such as ``hidden_size: 2**31`` would otherwise ask for exabytes). ViT-H/14 has 0.63e9;
+#: the bound leaves room for 30x that. Raise it here (``vit_core.config.MAX_PARAMETERS = ...``) if needed.
+MAX_PARAMETERS: int = 20_000_000_000
+#: ``num_labels`` above this is refused before ``id2label`` is built (one dict entry per label).
+MAX_NUM_LABELS: int = 1_000_000
+#: ``model_type`` values trivit reads, with their config classes (``config_hybrid`` adds "vit-hybrid").
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("vit", "vit-hybrid")
 
 
 class ConfigError(ValueError):
     """A configuration field has an invalid value; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------- field types
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int_key(k: Any) -> bool:
+    """An ``id2label`` key: an int, or its JSON spelling (a string of decimal digits)."""
+    return _is_int(k) or (isinstance(k, str) and re.fullmatch(r"-?\d{1,18}", k) is not None)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """``value`` fits the annotation ``tp`` (the forms the configs use). Floats take ints; ints and
+    floats never take booleans; lists take tuples; ``dict[int, ...]`` takes JSON's string keys."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is int:
+        return _is_int(value)
+    if tp is float:
+        return (_is_int(value) or isinstance(value, float)) and not isinstance(value, bool)
+    if tp in (str, bool):
+        return isinstance(value, tp)
+    if origin is tuple:  # tuple[int, int]: a pair, from JSON a list of two
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_matches, value, args))
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        key_ok = _is_int_key if args[0] is int else (lambda k: _matches(k, args[0]))
+        return isinstance(value, Mapping) and all(key_ok(k) and _matches(v, args[1]) for k, v in value.items())
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    raise TypeError(f"unsupported field annotation {tp!r}")  # a new field type: teach _matches
+
+
+def _describe(tp: Any) -> str:
+    """``tp`` in words, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    plural = lambda t: _describe(t).removeprefix("an ").removeprefix("a ") + "s"  # noqa: E731
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} {plural(args[0])}"
+    if origin is list:
+        return f"a list of {plural(args[0])}"
+    if origin is dict:
+        if args[1] is Any:
+            return "an object"
+        return f"an object mapping {'integer keys' if args[0] is int else plural(args[0])} to {plural(args[1])}"
+    names = {int: "an int", float: "a number", str: "a string", bool: "a boolean (true/false)", type(None): "null"}
+    return names.get(tp, "any value" if tp is Any else f"a {getattr(tp, '__name__', tp)}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.name != "extra"}
+
+
+def check_field_types(config: Any, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first field whose value does not fit its annotation, naming the
+    field (``prefix`` + name), the expected type and the value (``"hidden_size": "768"`` in a config.json)."""
+    for name, tp in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, tp):
+            raise ConfigError(
+                f"{prefix}{name} must be {_describe(tp)}, got {_short(value)} ({type(value).__name__})"
+            )
+    if not isinstance(getattr(config, "extra", {}), Mapping):
+        raise ConfigError(f"{prefix}extra must be an object, got {_short(config.extra)}")
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_parameter_bound(owner: str, count: int) -> None:
+    """Refuse a model of more than :data:`MAX_PARAMETERS` parameters, before anything is allocated."""
+    if count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{owner} describes a model of about {count:.3g} parameters ({4 * count / 2**30:.3g} GiB in float32), "
+            f"above trivit's bound of {MAX_PARAMETERS:.3g} (vit_core.config.MAX_PARAMETERS); check its sizes"
+        )
 
 
 C = TypeVar("C", bound="ViTConfig")
@@ -110,6 +220,7 @@ class ViTConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)  # type: ignore[assignment]
         if not self.pooler_output_size:
@@ -131,6 +242,10 @@ class ViTConfig:
             n = 2 if self.num_labels is None else self.num_labels
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ConfigError(f"num_labels must be an int >= 0, got {n!r}")
+            if n > MAX_NUM_LABELS:
+                raise ConfigError(
+                    f"num_labels={n} is above trivit's bound of {MAX_NUM_LABELS} (vit_core.config.MAX_NUM_LABELS)"
+                )
             self.num_labels = n
             self.id2label, _ = _label_maps(n)
         if self.label2id is None or len(self.label2id) != len(self.id2label):
@@ -151,9 +266,19 @@ class ViTConfig:
         s = self.image_size
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
+    def feature_map_hw(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the map the patch projection cuts into p×p patches, for an H×W input: the
+        image itself (the hybrid: its backbone's output map)."""
+        return height, width
+
+    def feature_map_name(self) -> str:
+        """What :meth:`feature_map_hw` measures, in error messages."""
+        return "the image"
+
     def feature_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The patch grid (rows, columns) of an H×W input: (H // p, W // p)."""
-        return height // self.patch_size, width // self.patch_size
+        """The patch grid (rows, columns) of an H×W input: the feature map over p, (H // p, W // p) for the ViT."""
+        h, w = self.feature_map_hw(height, width)
+        return h // self.patch_size, w // self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -168,6 +293,24 @@ class ViTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def num_parameters_estimate(self) -> int:
+        """Parameters of the largest model this config builds (exact, from the sizes alone; no allocation):
+        the encoder plus the biggest head (pooler with mask token, classifier, or the MIM decoder)."""
+        d, i, n = self.hidden_size, self.intermediate_size, self.num_patches
+        layer = 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + 2 * d * i + i + d + 4 * d
+        patch = self.feature_channels * self.patch_size**2 * d + d
+        encoder = d + (n + 1) * d + patch + self._backbone_parameters() + self.num_hidden_layers * layer + 2 * d
+        return encoder + max(self._head_parameter_counts())
+
+    def _backbone_parameters(self) -> int:
+        return 0
+
+    def _head_parameter_counts(self) -> list[int]:
+        """Parameter counts of each head variant over the encoder (see :meth:`num_parameters_estimate`)."""
+        d, labels, p = self.hidden_size, int(self.num_labels or 0), int(self.pooler_output_size or self.hidden_size)
+        decoder = self.encoder_stride**2 * self.num_channels
+        return [d + d * p + p, d * labels + labels, d + d * decoder + decoder]
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
@@ -186,6 +329,7 @@ class ViTConfig:
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
+        check_parameter_bound(type(self).__name__, self.num_parameters_estimate())
         self._check_image_divisible(h, w)
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
@@ -209,17 +353,23 @@ class ViTConfig:
             if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ConfigError(f"{name} must be a float in [0, 1), got {p!r}")
         for name in ("layer_norm_eps", "initializer_range"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name} must be a positive float, got {v!r}")
+            check_positive_float(name, getattr(self, name))
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} must be None or one of {list(PROBLEM_TYPES)}")
 
     def _check_image_divisible(self, h: int, w: int) -> None:
-        if h % self.patch_size or w % self.patch_size:
+        """``image_size`` must give a feature map that is a whole number of patches. HF floors instead (the
+        conv drops the remainder pixels); trivit refuses, as it refuses such inputs at run time."""
+        fh, fw = self.feature_map_hw(h, w)
+        p = self.patch_size
+        if min(fh, fw) < p:
             raise ConfigError(
-                f"image_size {self.image_size!r} must be divisible by patch_size ({self.patch_size})"
+                f"image_size {self.image_size!r} gives {self.feature_map_name()} of {fh}×{fw}, smaller than one "
+                f"{p}×{p} patch; use a larger image_size"
             )
+        if fh % p or fw % p:
+            where = "" if (fh, fw) == (h, w) else f" (it gives {self.feature_map_name()} of {fh}×{fw})"
+            raise ConfigError(f"image_size {self.image_size!r} must be divisible by patch_size ({p}){where}")
 
     # ---------------------------------------------------------- construction
     @classmethod
@@ -251,12 +401,21 @@ class ViTConfig:
     @classmethod
     def from_dict(cls: type[C], config_dict: Mapping[str, Any], **overrides: Any) -> C:
         """Build from an HF-style dict; unknown keys go to ``extra``; ``overrides`` win."""
+        if not isinstance(config_dict, Mapping):
+            raise ConfigError(f"a config must be a JSON object (a dict), got {type(config_dict).__name__}")
         merged = {**config_dict, **overrides}
         known = cls._field_names()
         model_type = merged.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
-            raise ConfigError(f"model_type is {model_type!r}, but {cls.__name__} expects {cls.model_type!r}")
-        extra = dict(merged.pop("extra", {}) or {})
+            supported = "supported" if model_type in SUPPORTED_MODEL_TYPES else "not supported"
+            raise ConfigError(
+                f"model_type is {_short(model_type)} ({supported}), but {cls.__name__} expects {cls.model_type!r}; "
+                f"trivit reads model_type {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        extra = merged.pop("extra", None) or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"extra must be an object, got {_short(extra)}")
+        extra = dict(extra)
         kwargs = {}
         for k, v in merged.items():
             (kwargs if k in known else extra)[k] = v

@@ -11,12 +11,16 @@ The backbone's geometry (output grid, channels) is computed here, once, for ever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from .config import SUPPORTED_ACTIVATIONS, ConfigError, ViTConfig
+from .config import (
+    SUPPORTED_ACTIVATIONS, ConfigError, ViTConfig, _short, check_field_types, check_parameter_bound,
+    check_positive_float,
+)
 
 __all__ = ["BitConfig", "ViTHybridConfig", "BitLayerSpec", "make_div", "conv_output_size"]
 
@@ -109,6 +113,7 @@ class BitConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self, prefix="backbone_config.")
         self.hidden_sizes = list(self.hidden_sizes)
         self.depths = list(self.depths)
         if isinstance(self.global_padding, str):
@@ -135,6 +140,9 @@ class BitConfig:
     def _aligned_outputs(self, feats: Any, idxs: Any) -> tuple[list[str], list[int]]:
         """HF's ``get_aligned_output_features_output_indices``: fill one from the other, default the last stage."""
         names = self.stage_names
+        for field_name, value in (("out_features", feats), ("out_indices", idxs)):
+            if value is not None and not value:
+                raise ConfigError(f"backbone_config.{field_name} must name at least one stage of {names}, got {value!r}")
         if feats is not None:
             if not isinstance(feats, (list, tuple)) or any(f not in names for f in feats):
                 raise ConfigError(f"backbone_config.out_features must be a list of stage names {names}, got {feats!r}")
@@ -163,29 +171,47 @@ class BitConfig:
         """Output channels of the stem and of each built stage (HF's ``make_div(hidden · width_factor)``)."""
         return [self.embedding_size, *(make_div(h * self.width_factor) for h in self.hidden_sizes[: self.num_stages])]
 
-    def stage_layers(self) -> list[list[BitLayerSpec]]:
-        """Every residual unit, stage by stage, with HF's stride / dilation / drop-path schedule."""
-        total = sum(self.depths[: self.num_stages])
-        rates = [self.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]  # np.linspace
-        stages: list[list[BitLayerSpec]] = []
-        prev, current_stride, dilation, k = self.embedding_size, 4, 1, 0
+    def stage_plan(self) -> list[tuple[int, BitLayerSpec, BitLayerSpec]]:
+        """Per built stage: (depth, its first unit, the unit every later one repeats), with HF's stride and
+        dilation schedule; ``drop_path_rate`` 0 (see :meth:`stage_layers`). O(stages), whatever the depths."""
+        plan = []
+        prev, current_stride, dilation = self.embedding_size, 4, 1
         for s, (depth, out) in enumerate(zip(self.depths, self.stage_channels()[1:])):
             stride = 1 if s == 0 else 2
             if current_stride >= self.output_stride:
                 dilation *= stride
                 stride = 1
             first_dilation = 1 if dilation in (1, 2) else 2
-            layers = []
-            for i in range(depth):
-                layers.append(BitLayerSpec(
-                    in_channels=prev, out_channels=out, mid_channels=make_div(out * BOTTLE_RATIO),
-                    stride=stride if i == 0 else 1, dilation=first_dilation if i == 0 else dilation,
-                    drop_path_rate=rates[k], is_first_layer=i == 0,
-                ))
-                prev, k = out, k + 1
-            stages.append(layers)
+            mid = make_div(out * BOTTLE_RATIO)
+            first = BitLayerSpec(prev, out, mid, stride, first_dilation, 0.0, True)
+            plan.append((depth, first, BitLayerSpec(out, out, mid, 1, dilation, 0.0, False)))
+            prev = out
             current_stride *= stride
+        return plan
+
+    def stage_layers(self) -> list[list[BitLayerSpec]]:
+        """Every residual unit, stage by stage, with HF's stride / dilation / drop-path schedule."""
+        total = sum(self.depths[: self.num_stages])
+        rates = [self.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]  # np.linspace
+        stages: list[list[BitLayerSpec]] = []
+        k = 0
+        for depth, first, later in self.stage_plan():
+            stages.append([dataclasses.replace(first if i == 0 else later, drop_path_rate=rates[k + i])
+                           for i in range(depth)])
+            k += depth
         return stages
+
+    def num_parameters_estimate(self) -> int:
+        """Parameters of ``BitModel`` (as :func:`vit_core.weights.bit_specs` lists them), from the sizes alone."""
+        bottleneck = self.layer_type == "bottleneck"
+        count = self.embedding_size * self.num_channels * 49 + (2 * self.embedding_size if bottleneck else 0)
+        for depth, first, later in self.stage_plan():
+            for unit, n in ((first, 1), (later, depth - 1)):
+                i, m, o = unit.in_channels, unit.mid_channels, unit.out_channels
+                convs = i * m + 9 * m * m + m * o + (i * o if unit.is_first_layer else 0)
+                norms = 2 * (m + m + o + (o if unit.is_first_layer else 0)) if bottleneck else 2 * (i + m + m)
+                count += n * (convs + norms)
+        return count + (0 if bottleneck else 2 * self.hidden_sizes[-1])
 
     # ------------------------------------------------------------------ geometry
     def stem_output_size(self, size: int) -> int:
@@ -206,10 +232,14 @@ class BitConfig:
         """(channels, height, width) of the stem and of every stage for an H×W input."""
         h, w = self.stem_output_size(height), self.stem_output_size(width)
         out = [(self.embedding_size, h, w)]
-        for layers in self.stage_layers():
-            for layer in layers:
-                h, w = self.layer_output_size(layer, h), self.layer_output_size(layer, w)
-            out.append((layers[-1].out_channels if layers else out[-1][0], h, w))
+        for depth, first, later in self.stage_plan():
+            h, w = self.layer_output_size(first, h), self.layer_output_size(first, w)
+            for _ in range(depth - 1):  # a later unit keeps the size (stride 1): stop at the fixed point
+                nh, nw = self.layer_output_size(later, h), self.layer_output_size(later, w)
+                if (nh, nw) == (h, w):
+                    break
+                h, w = nh, nw
+            out.append((first.out_channels, h, w))
         return out
 
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -231,6 +261,7 @@ class BitConfig:
             raise ConfigError(
                 f"backbone_config.depths has {len(self.depths)} stages but hidden_sizes only {len(self.hidden_sizes)}"
             )
+        check_parameter_bound("backbone_config", self.num_parameters_estimate())
         if self.layer_type not in LAYER_TYPES:
             raise ConfigError(f"backbone_config.layer_type {self.layer_type!r} must be one of {list(LAYER_TYPES)}")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -250,9 +281,7 @@ class BitConfig:
                 f"{list(WEIGHT_STANDARDIZATIONS)}"
             )
         for name in ("weight_standardization_eps", "group_norm_eps"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"backbone_config.{name} must be a positive float, got {v!r}")
+            check_positive_float(f"backbone_config.{name}", getattr(self, name))
         last = self.stage_channels()[-1]
         if self.layer_type == "preactivation" and self.hidden_sizes[-1] != last:
             raise ConfigError(
@@ -273,10 +302,9 @@ class BitConfig:
             out.append(("embedding_size", self.embedding_size))
         else:
             out.append(("hidden_sizes[-1] (the final norm)", self.hidden_sizes[-1]))
-        for s, layers in enumerate(self.stage_layers()):
-            for layer in layers[:1]:
-                out += [(f"stage{s + 1} (input)", layer.in_channels), (f"stage{s + 1} (bottleneck)", layer.mid_channels),
-                        (f"stage{s + 1} (output)", layer.out_channels)]
+        for s, (_, layer, _) in enumerate(self.stage_plan()):
+            out += [(f"stage{s + 1} (input)", layer.in_channels), (f"stage{s + 1} (bottleneck)", layer.mid_channels),
+                    (f"stage{s + 1} (output)", layer.out_channels)]
         return out
 
     # ------------------------------------------------------------------ serialisation
@@ -286,14 +314,20 @@ class BitConfig:
 
     @classmethod
     def from_dict(cls, config_dict: Mapping[str, Any], **overrides: Any) -> BitConfig:
+        if not isinstance(config_dict, Mapping):
+            raise ConfigError(f"backbone_config must be an object (a dict), got {_short(config_dict)}")
         merged = {**config_dict, **overrides}
         model_type = merged.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ConfigError(
-                f"backbone_config.model_type is {model_type!r}; trivit's hybrid supports only the BiT backbone ('bit')"
+                f"backbone_config.model_type is {_short(model_type)}; trivit's hybrid supports only the BiT backbone "
+                "(model_type ['bit'])"
             )
         merged.pop("stage_names", None)  # derived from depths
-        extra = dict(merged.pop("extra", {}) or {})
+        extra = merged.pop("extra", None) or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"backbone_config.extra must be an object, got {_short(extra)}")
+        extra = dict(extra)
         known = cls._field_names()
         kwargs = {}
         for k, v in merged.items():
@@ -345,6 +379,7 @@ class ViTHybridConfig(ViTConfig):
     backbone_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.backbone is not None:
             raise ConfigError(
                 f"backbone={self.backbone!r} names a backbone to load by name (a hub or timm download); trivit "
@@ -369,10 +404,18 @@ class ViTHybridConfig(ViTConfig):
         assert isinstance(self.backbone_config, BitConfig)
         return self.backbone_config
 
-    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The token grid for an H×W input: the backbone's output map divided by ``patch_size``."""
-        _, h, w = self.bit.feature_shape(height, width)
-        return h // self.patch_size, w // self.patch_size
+    def feature_map_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The backbone's output map (h', w') for an H×W image; tokens are its ``patch_size`` cells."""
+        return self.bit.feature_shape(height, width)[1:]
+
+    def feature_map_name(self) -> str:
+        return "a backbone feature map"
+
+    def _backbone_parameters(self) -> int:
+        return self.bit.num_parameters_estimate()
+
+    def _head_parameter_counts(self) -> list[int]:
+        return super()._head_parameter_counts()[:2]  # no masked-image-modeling head for the hybrid
 
     @property
     def feature_channels(self) -> int:
@@ -386,11 +429,6 @@ class ViTHybridConfig(ViTConfig):
                 f"num_channels ({self.num_channels}) differs from backbone_config.num_channels ({self.bit.num_channels})"
             )
         c, h, w = self.bit.feature_shape(*self.image_hw)
-        if min(h, w) < self.patch_size:
-            raise ConfigError(
-                f"image_size {self.image_size!r} gives a backbone feature map of {h}×{w}, smaller than one "
-                f"{self.patch_size}×{self.patch_size} patch; use a larger image_size"
-            )
         derived = [1, c, h, w]
         if self.backbone_featmap_shape is None:
             self.backbone_featmap_shape = derived
@@ -401,9 +439,6 @@ class ViTHybridConfig(ViTConfig):
             )
         else:
             self.backbone_featmap_shape = derived
-
-    def _check_image_divisible(self, h: int, w: int) -> None:
-        """The hybrid's patches are cut from the feature map, not the image: no pixel divisibility."""
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

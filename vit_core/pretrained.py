@@ -98,9 +98,10 @@ def match_checkpoint(
     warn: Callable[[str], None] | None = None,
     read: Callable[[Path], CheckpointState] = read_checkpoint,
     stacklevel: int = 4,
-) -> tuple[Mapping[str, Any], LoadPlan]:
+) -> tuple[CheckpointState, LoadPlan]:
     """Match the checkpoint at ``path`` (``state`` if already opened) with a model's table (see
-    :func:`plan_load`); returns the lazy ``{name: array}`` state and the plan.
+    :func:`plan_load`); returns the lazy state (a :class:`CheckpointState`: ``read`` / ``mapped`` give each
+    tensor without intermediate copies) and the plan.
 
     ``read`` opens ``path`` when ``state`` is None (the default reads canonical safetensors /
     ``pytorch_model.bin`` only). ``stacklevel`` is the default warning's: that of the caller of
@@ -112,6 +113,8 @@ def match_checkpoint(
     if state is None:
         state = read(path)
         path = state.source
+    elif not isinstance(state, CheckpointState):  # a foreign file's converted state: same read() / mapped() API
+        state = CheckpointState(path, [state])
     plan = plan_load(specs, state.shapes(), source=str(path), ignore_mismatched_sizes=ignore_mismatched_sizes)
     if (msg := plan.warning()) is not None:
         (warn or (lambda m: warnings.warn(m, stacklevel=stacklevel)))(f"{owner}: {msg}")

@@ -21,6 +21,7 @@ from vit_core.checks import check_config_type
 from vit_core.config import ViTConfig
 from vit_core.imports import import_trivit
 from vit_core.pretrained import saved_config_dict
+from vit_core.safetensors_io import ALIGNMENT, aligned_empty
 from vit_core.weights import Init, Kind, ParamSpec, from_kernel_layout, param_specs, to_kernel_layout
 
 # Checkpoints are opened by the conversion layer (every format; see conversion/loading.py); a user's
@@ -156,6 +157,19 @@ def to_dtype(params: Params, dtype: Any, mask: Any = None) -> Params:
     return jax.tree_util.tree_map(cast, params) if mask is None else jax.tree_util.tree_map(cast, params, mask)
 
 
+def _device_array(array: np.ndarray, dtype: Any) -> jax.Array:
+    """A loaded array (ours alone: nothing else refers to it) as a jax array of ``dtype``. Of that dtype already,
+    it is laid out C-contiguous and aligned (if it is not yet: one copy), which XLA's CPU client adopts without
+    copying; else converted by ``jnp.asarray``."""
+    if array.dtype != jnp.dtype(dtype):
+        return jnp.asarray(array, dtype=dtype)
+    if not array.flags.c_contiguous or array.ctypes.data % ALIGNMENT:
+        aligned = aligned_empty(array.shape, array.dtype)
+        np.copyto(aligned, array)
+        array = aligned
+    return jax.device_put(array)
+
+
 class FlaxPreTrainedModel:
     """HF-4.x-style wrapper: a Linen ``module``, its ``params`` and ``config``; loads/saves canonical checkpoints.
 
@@ -238,6 +252,8 @@ class FlaxPreTrainedModel:
     def _init_table(self, rng: jax.Array, only: set[str] | None = None) -> Params:
         """Fresh canonical-tree params for every table row, or only the rows named in ``only``."""
         specs = [s for s in self.param_specs() if only is None or s.name in only]
+        if not specs:  # from_pretrained with every weight loaded: nothing to draw, nothing to compile
+            return {}
 
         @jax.jit  # one compilation for the whole tree instead of one per shape
         def build(rng: jax.Array) -> Params:
@@ -307,7 +323,7 @@ class FlaxPreTrainedModel:
         params = model._init_table(jax.random.PRNGKey(seed), only=fresh)
         for spec in specs:
             if spec.name in plan.sources:
-                array = to_kernel_layout(spec.kind, np.asarray(state[plan.sources[spec.name]]))
-                _set(params, param_path(spec), jnp.asarray(array, dtype=param_dtype))
+                array = to_kernel_layout(spec.kind, state.read(plan.sources[spec.name]))
+                _set(params, param_path(spec), _device_array(array, param_dtype))
         model.params = model._module_tree(params)
         return (model, plan.loading_info()) if output_loading_info else model

@@ -15,8 +15,12 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vit_core.checks import check_bool_masked_pos, check_mim_mask_allowed, check_pixel_values, head_mask_layers
+from vit_core.checks import (
+    IGNORE_INDEX, check_bool_masked_pos, check_label_values, check_labels, check_mim_mask_allowed, check_pixel_values,
+    dtype_name, head_mask_layers,
+)
 from vit_core.config import ViTConfig
 from vit_core.interpolation import resize_matrix
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
@@ -37,8 +41,11 @@ for _cls in (BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput,
 
 def _user_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The NCHW shape the user passed, from the NHWC one a module sees (non-4-D shapes pass through
-    the wrappers untransposed), so error messages name what the user wrote."""
-    return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else tuple(shape)
+    the wrappers untransposed), so error messages name what the user wrote. A symbolic batch
+    (``jax.export``) reads -1, as an unknown one does in vit_tf."""
+    if len(shape) != 4:
+        return tuple(shape)
+    return (shape[0] if isinstance(shape[0], int) else -1, shape[3], shape[1], shape[2])
 
 
 class _ViTModule(nn.Module):
@@ -220,7 +227,8 @@ class FlaxViTEmbeddings(_ViTModule):
                                            deterministic=deterministic)
         b, h, w, _ = pixel_values.shape  # validated by the patch embedding
         if bool_masked_pos is not None:
-            check_bool_masked_pos(bool_masked_pos.shape, b, embeddings.shape[1], self.use_mask_token)
+            check_bool_masked_pos(bool_masked_pos.shape, b, embeddings.shape[1], self.use_mask_token,
+                                  dtype_name(bool_masked_pos))
             mask = bool_masked_pos[..., None].astype(embeddings.dtype)
             embeddings = embeddings * (1.0 - mask) + self.mask_token.astype(embeddings.dtype) * mask
         cls = jnp.broadcast_to(self.cls_token.astype(embeddings.dtype), (b, 1, embeddings.shape[-1]))
@@ -479,9 +487,10 @@ class FlaxViTModule(_ViTModule):
     def __call__(self, pixel_values: Array, bool_masked_pos: Array | None = None, head_mask: Array | None = None,
                  deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
                  interpolate_pos_encoding: bool = False, class_token_only: bool = False) -> BaseModelOutputWithPooling:
+        head_mask = self._head_mask(head_mask)  # checked before the forward pass
         embedding_output = self.embeddings(pixel_values.astype(self.dtype), bool_masked_pos, interpolate_pos_encoding,
                                            deterministic)
-        encoded = self.encoder(embedding_output, self._head_mask(head_mask), deterministic, output_attentions,
+        encoded = self.encoder(embedding_output, head_mask, deterministic, output_attentions,
                                output_hidden_states, class_token_only)
         sequence_output = self.layernorm(encoded.last_hidden_state)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
@@ -489,10 +498,32 @@ class FlaxViTModule(_ViTModule):
                                           hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
 
-def classification_loss(config: ViTConfig, logits: Array, labels: Array) -> Array:
-    """Mean loss by ``problem_type``, as torch: MSE, cross-entropy (ignore_index -100) or BCE-with-logits."""
+def _dims(shape: tuple[Any, ...]) -> tuple[int, ...]:
+    """Static dims as ints for :mod:`vit_core.checks`; a symbolic one (``jax.export``) reads -1."""
+    return tuple(d if isinstance(d, int) else -1 for d in shape)
+
+
+def labels_problem(config: ViTConfig, labels: Array, batch: int) -> str:
+    """Validate ``labels`` (:func:`~vit_core.checks.check_labels`: shapes and dtypes, also under ``jax.jit``) →
+    problem type. Class indices out of ``[0, num_labels)``: a ``ValueError`` when they are concrete (the wrapper
+    called eagerly, or numpy labels closed over); traced (inside ``jax.jit``) their values are unknown, and
+    :func:`classification_loss` is NaN instead."""
+    kind = check_labels(_dims(jnp.shape(labels)), dtype_name(labels), config, batch)
+    if kind == "single_label_classification":
+        try:
+            values = np.asarray(labels)
+        except jax.errors.TracerArrayConversionError:
+            values = None  # traced: see the docstring
+        if values is not None:
+            check_label_values(values, config.num_labels)
+    return kind
+
+
+def classification_loss(config: ViTConfig, logits: Array, labels: Array, kind: str | None = None) -> Array:
+    """Mean loss by ``problem_type``, as torch: MSE, cross-entropy (ignore_index -100) or BCE-with-logits.
+    ``kind``: what :func:`labels_problem` returned for ``labels`` (None: validate them here)."""
+    kind = kind or labels_problem(config, labels, _dims(logits.shape)[0])
     labels = jnp.asarray(labels)
-    kind = config.resolve_problem_type(not jnp.issubdtype(labels.dtype, jnp.floating))
     if kind == "regression":
         if config.num_labels == 1:
             return jnp.mean((jnp.squeeze(logits) - jnp.squeeze(labels).astype(logits.dtype)) ** 2)
@@ -500,9 +531,11 @@ def classification_loss(config: ViTConfig, logits: Array, labels: Array) -> Arra
     if kind == "single_label_classification":
         logp = jax.nn.log_softmax(logits.reshape(-1, config.num_labels).astype(jnp.float32), axis=-1)
         y = labels.reshape(-1).astype(jnp.int32)
-        valid = y != -100
-        picked = jnp.take_along_axis(logp, jnp.where(valid, y, 0)[:, None], axis=-1)[:, 0]
-        return (-jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)).astype(logits.dtype)
+        keep = y != IGNORE_INDEX
+        in_range = (y >= 0) & (y < config.num_labels)
+        picked = jnp.take_along_axis(logp, jnp.where(in_range, y, 0)[:, None], axis=-1)[:, 0]
+        picked = jnp.where(keep & ~in_range, jnp.nan, picked)  # out of range (traced labels): NaN, never a number
+        return (-jnp.sum(jnp.where(keep, picked, 0.0)) / jnp.sum(keep)).astype(logits.dtype)
     y = labels.astype(logits.dtype)
     return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
@@ -535,12 +568,14 @@ class FlaxViTForImageClassificationModule(_HeadModule):
     def __call__(self, pixel_values: Array, head_mask: Array | None = None, labels: Array | None = None,
                  deterministic: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
                  interpolate_pos_encoding: bool = False) -> ImageClassifierOutput:
+        # labels are checked before the forward pass, not after it
+        kind = None if labels is None else labels_problem(self.config, labels, _dims(pixel_values.shape)[0])
         outputs = self.vit(pixel_values, head_mask=head_mask, deterministic=deterministic,
                            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                            interpolate_pos_encoding=interpolate_pos_encoding,
                            class_token_only=not (output_attentions or output_hidden_states))
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        loss = None if labels is None else classification_loss(self.config, logits, labels)
+        loss = None if labels is None else classification_loss(self.config, logits, labels, kind)
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                      attentions=outputs.attentions)
 

@@ -17,16 +17,26 @@ import tensorflow as tf
 import numpy as np
 from keras import ops
 
-from vit_core.checks import check_bool_masked_pos, check_mim_mask_allowed, check_pixel_values
+from vit_core import checks
+from vit_core.checks import IGNORE_INDEX, dtype_name, label_range_message
 from vit_core.config import ViTConfig
 from vit_core.interpolation import resize_matrix
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
-from .modeling_tf_utils import TFPreTrainedModel, Tensor, ViTConfigSerializable, activation, register, rematerialized
+from .modeling_tf_utils import (
+    TFPreTrainedModel, Tensor, ViTConfigSerializable, activation, keras_plain, plain_error, register, rematerialized,
+)
 
 __all__ = ["TFViTModel", "TFViTForImageClassification", "TFViTForMaskedImageModeling", "TFViTPreTrainedModel"]
 
 Shape = tuple[int | None, ...]
+
+
+check_pixel_values = keras_plain(checks.check_pixel_values)
+check_bool_masked_pos = keras_plain(checks.check_bool_masked_pos)
+check_mim_mask_allowed = keras_plain(checks.check_mim_mask_allowed)
+check_labels = keras_plain(checks.check_labels)
+check_label_values = keras_plain(checks.check_label_values)
 
 
 def _static_shape(x: Tensor) -> tuple[int, ...]:
@@ -34,10 +44,10 @@ def _static_shape(x: Tensor) -> tuple[int, ...]:
     a traced signature) reads -1; every other dimension must be known when the graph is traced."""
     shape = tuple(-1 if s is None else int(s) for s in (x.shape if hasattr(x, "shape") else np.shape(x)))
     if -1 in shape[1:]:
-        raise ValueError(
+        raise plain_error(ValueError(
             f"only the batch dimension may be unknown when tracing, got shape {tuple(x.shape)}; "
             "image size is fixed at trace time"
-        )
+        ))
     return shape
 
 
@@ -165,7 +175,7 @@ class TFViTEmbeddings(ViTConfigSerializable, keras.layers.Layer):
             batch = embeddings.shape[0]
             if batch is None or mask_shape[:1] == (-1,):  # traced with an unknown batch: compare the rest
                 batch = mask_shape[0] if mask_shape else -1
-            check_bool_masked_pos(mask_shape, batch, n, self.mask_token is not None)
+            check_bool_masked_pos(mask_shape, batch, n, self.mask_token is not None, dtype_name(bool_masked_pos))
             mask = ops.cast(bool_masked_pos[..., None], embeddings.dtype)
             embeddings = embeddings * (1.0 - mask) + self.mask_token * mask
         cls = ops.broadcast_to(self.cls_token, (b, 1, embeddings.shape[-1]))
@@ -557,8 +567,16 @@ class TFViTModel(TFViTPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-def _is_integer(x: Tensor) -> bool:
-    return not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
+def _checked_class_indices(labels: Tensor, num_labels: int) -> Tensor:
+    """``labels`` (B,) int64, checked against ``[0, num_labels)`` / ``IGNORE_INDEX``: eagerly with
+    :func:`~vit_core.checks.check_label_values`; in a graph (``tf.function``, ``model.fit``) by an assertion
+    whose message starts with the same words (XLA drops assertions: there the loss is NaN instead)."""
+    if tf.executing_eagerly() and hasattr(labels, "numpy"):
+        check_label_values(labels.numpy(), num_labels)
+        return labels
+    ok = tf.reduce_all((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < num_labels)))
+    with tf.control_dependencies([tf.debugging.Assert(ok, [label_range_message(num_labels), labels], summarize=32)]):
+        return tf.identity(labels)
 
 
 @register
@@ -597,6 +615,11 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
         output_attentions, output_hidden_states, return_dict = self.config.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
+        labels, kind = extra["labels"], None
+        if labels is not None:  # checked before the forward pass, not after it
+            labels = ops.convert_to_tensor(labels)
+            batch = getattr(pixel_values, "shape", (None,))[0]
+            kind, labels = self._labels_problem(labels, -1 if batch is None else int(batch))
         outputs = self.vit(
             pixel_values,
             head_mask=extra["head_mask"],
@@ -608,28 +631,42 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
             class_token_only=not (output_attentions or output_hidden_states),
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        labels = extra["labels"]
-        loss = None if labels is None else self._classification_loss(logits, labels)
+        loss = None if labels is None else self._classification_loss(logits, labels, kind)
         out = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return out if return_dict else out.to_tuple()
 
-    def _classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def _labels_problem(self, labels: Tensor, batch: int) -> tuple[str, Tensor]:
+        """Validate ``labels`` (:func:`~vit_core.checks.check_labels`) → (problem type, labels; single-label
+        ones carry the range check, see :func:`_checked_class_indices`)."""
+        shape = tuple(-1 if s is None else int(s) for s in labels.shape)
+        kind = check_labels(shape, dtype_name(labels), self.config, batch)
+        if kind == "single_label_classification":
+            labels = _checked_class_indices(ops.reshape(ops.cast(labels, "int64"), (-1,)), self.num_labels)
+        return kind, labels
+
+    def _classification_loss(self, logits: Tensor, labels: Tensor, kind: str | None = None) -> Tensor:
         """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits.
-        Computed in float32 whatever the compute dtype (as Keras does under mixed precision)."""
+        Computed in float32 whatever the compute dtype (as Keras does under mixed precision). ``kind``: the
+        problem type :meth:`_labels_problem` found for these ``labels`` (None: validate them here)."""
         labels = ops.convert_to_tensor(labels)
         logits = ops.cast(logits, "float32")
-        kind = self.config.resolve_problem_type(_is_integer(labels))
+        if kind is None:
+            kind, labels = self._labels_problem(labels, -1 if logits.shape[0] is None else int(logits.shape[0]))
         if kind == "regression":
             if self.num_labels == 1:
                 logits, labels = ops.squeeze(logits), ops.squeeze(labels)
             return ops.mean(ops.square(logits - ops.cast(labels, logits.dtype)))
         if kind == "single_label_classification":
             logits = ops.reshape(logits, (-1, self.num_labels))
-            labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-            keep = labels != -100
-            per_example = ops.sparse_categorical_crossentropy(ops.where(keep, labels, 0), logits, from_logits=True)
+            labels = ops.reshape(ops.cast(labels, "int64"), (-1,))
+            keep = labels != IGNORE_INDEX
+            valid = (labels >= 0) & (labels < self.num_labels)  # False only where no check could run (XLA)
+            per_example = ops.sparse_categorical_crossentropy(
+                ops.cast(ops.where(valid, labels, 0), "int32"), logits, from_logits=True
+            )
+            per_example = ops.where(keep & ~valid, float("nan"), per_example)  # out of range: NaN, never a number
             keep = ops.cast(keep, logits.dtype)
             return ops.sum(per_example * keep) / ops.sum(keep)  # NaN when every label is ignored, as in PyTorch
         return ops.mean(ops.binary_crossentropy(ops.cast(labels, logits.dtype), logits, from_logits=True))

@@ -15,13 +15,13 @@ from typing import Any
 
 from keras import ops
 
-from vit_core.checks import check_pixel_values
 from vit_core.config_hybrid import ViTHybridConfig
 
 from .modeling_tf_bit import TFBitBackbone
 from .modeling_tf_utils import Tensor, TFPreTrainedModel, register
 from .modeling_tf_vit import (
     Shape, TFViTEmbeddings, TFViTForImageClassification, TFViTModel, TFViTPatchEmbeddings, _static_shape,
+    check_pixel_values,
 )
 
 __all__ = [

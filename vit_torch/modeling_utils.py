@@ -6,16 +6,18 @@ parameter names *are* the canonical names, so no renaming happens here, only che
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
-import warnings
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from vit_core.checkpoint import write_checkpoint
+from vit_core.checkpoint import CheckpointState, write_checkpoint
 from vit_core.checks import check_config_type, head_mask_layers
 from vit_core.config import ViTConfig
 from vit_core.imports import import_trivit
@@ -28,7 +30,7 @@ from vit_core.weights import Init, ParamSpec, param_specs
 _loading = import_trivit("conversion.loading")
 match_checkpoint, resolve_pretrained_args = _loading.match_checkpoint, _loading.resolve_pretrained_args
 
-__all__ = ["TorchPreTrainedModel", "activation", "resolve_dtype"]
+__all__ = ["TorchPreTrainedModel", "activation", "resolve_dtype", "static_shape"]
 
 M = TypeVar("M", bound="TorchPreTrainedModel")
 
@@ -64,6 +66,12 @@ def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+def static_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """``x.shape`` as ints, for :mod:`vit_core.checks`. Under ``torch.export`` a dynamic size is a ``SymInt``, and
+    ``int()`` of it would fix the exported graph to the example's size: the checks read its example value instead."""
+    return tuple(s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in x.shape)
+
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -78,6 +86,53 @@ def resolve_dtype(dtype: Any, checkpoint_dtype: str | None = None) -> torch.dtyp
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype {dtype!r} is not supported; use a torch dtype, one of {list(_DTYPES)}, or 'auto'")
+
+
+#: True while :func:`_structure_only` builds a model: :meth:`TorchPreTrainedModel.post_init` then does nothing.
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("trivit_torch_skip_init", default=False)
+
+#: safetensors dtype → torch dtype, for tensors wrapped in place.
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+#: torch.nn.init functions the torch modules' own constructors call; no-ops while a structure is built.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def _structure_only() -> Iterator[None]:
+    """Build models on the meta device (no memory) with no initialiser running: neither trivit's
+    :meth:`~TorchPreTrainedModel.post_init` nor the ``reset_parameters`` of torch's own modules (their
+    ``torch.nn.init`` calls are no-ops meanwhile, as in HF's ``no_init_weights``). For from_pretrained,
+    which replaces every parameter and checks the tree against the table itself."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    token = _SKIP_INIT.set(True)
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, _keep)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+        _SKIP_INIT.reset(token)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+def _loaded_tensor(state: CheckpointState, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """Checkpoint tensor ``key`` as a ``dtype`` tensor. Stored in that dtype in a safetensors file, it is wrapped
+    in place over a private copy-on-write map of the file (pages load on first use, writes stay in this
+    process; as HF's loader); otherwise read once and converted, through float32 as the model's own
+    parameters would have been."""
+    mapped = state.mapped(key)
+    if mapped is not None and _TORCH_DTYPES.get(mapped.dtype) == dtype:
+        flat = torch.frombuffer(mapped.buffer, dtype=dtype, count=mapped.count, offset=mapped.offset)
+        return flat.view(mapped.shape)
+    return torch.from_numpy(state.read(key)).to(torch.float32).to(dtype)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray | RawTensor:
@@ -108,6 +163,8 @@ class TorchPreTrainedModel(nn.Module):
 
     def post_init(self) -> None:
         """Check the module tree against the table, then initialise every weight as HF does."""
+        if _SKIP_INIT.get():  # from_pretrained's meta-device build: it loads and checks every weight itself
+            return
         specs = self.param_specs()
         names = dict(self.named_parameters())
         if set(names) != {s.name for s in specs}:
@@ -212,7 +269,8 @@ class TorchPreTrainedModel(nn.Module):
         )
         ckpt_dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
         target = resolve_dtype(torch_dtype if dtype is None else dtype, ckpt_dtype)
-        model = cls(config, *model_args, **init_kwargs)
+        with _structure_only():
+            model = cls(config, *model_args, **init_kwargs)
         state, plan = match_checkpoint(
             model.param_specs(),
             path,
@@ -221,12 +279,21 @@ class TorchPreTrainedModel(nn.Module):
             state=state,
         )
         params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, key in plan.sources.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # read-only memory map → copied right away
-                    params[name].copy_(torch.from_numpy(np.asarray(state[key])))
-        model = model.to(target).eval()
+        if set(params) == set(plan.sources) and not any(b.is_meta for b in model.buffers()):
+            for name, key in plan.sources.items():  # swap each meta parameter for the loaded tensor
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                module._parameters[leaf] = nn.Parameter(_loaded_tensor(state, key, target), params[name].requires_grad)
+        else:
+            # Some weights are freshly initialised (a missing or re-sized head): build and initialise the model on
+            # the CPU exactly as its constructor does, so a seeded run draws the very same values, then load.
+            model = cls(config, *model_args, **init_kwargs)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, key in plan.sources.items():
+                    params[name].copy_(torch.from_numpy(state.read(key)))
+            model = model.to(target)
+        model.eval()
         return (model, plan.loading_info()) if output_loading_info else model
 
 

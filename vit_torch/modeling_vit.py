@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_core.checks import check_bool_masked_pos, check_mim_mask_allowed, check_pixel_values
+from vit_core.checks import (
+    check_bool_masked_pos, check_label_values, check_labels, check_mim_mask_allowed, check_pixel_values, dtype_name,
+)
 from vit_core.config import ViTConfig
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
-from .modeling_utils import TorchPreTrainedModel, activation
+from .modeling_utils import TorchPreTrainedModel, activation, static_shape
 
 __all__ = ["ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling", "ViTPreTrainedModel"]
 
@@ -35,7 +37,7 @@ class ViTPatchEmbeddings(nn.Module):
         self.projection = nn.Conv2d(config.feature_channels, config.hidden_size, config.patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        check_pixel_values(pixel_values.shape, self.config, interpolate_pos_encoding)
+        check_pixel_values(static_shape(pixel_values), self.config, interpolate_pos_encoding)
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -61,7 +63,8 @@ class ViTEmbeddings(nn.Module):
         (``config.feature_grid``: (H//p, W//p) for the ViT, the backbone's output grid for the hybrid)."""
         grid = self.config.feature_grid(*self.config.image_hw)
         new_grid = self.config.feature_grid(height, width)
-        if new_grid == grid:
+        # Exported graphs (torch.export, ONNX tracing) serve every size: always resize (the identity at the same size).
+        if not (torch.compiler.is_exporting() or torch.jit.is_tracing()) and new_grid == grid:
             return self.position_embeddings
         cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
         d = embeddings.shape[-1]
@@ -79,7 +82,10 @@ class ViTEmbeddings(nn.Module):
         embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         b, _, h, w = pixel_values.shape  # validated by the patch embedding
         if bool_masked_pos is not None:
-            check_bool_masked_pos(bool_masked_pos.shape, b, embeddings.shape[1], self.mask_token is not None)
+            b_n = static_shape(embeddings)[:2]
+            check_bool_masked_pos(
+                static_shape(bool_masked_pos), *b_n, self.mask_token is not None, dtype_name(bool_masked_pos)
+            )
             mask = bool_masked_pos.unsqueeze(-1).type_as(embeddings)
             embeddings = embeddings * (1.0 - mask) + self.mask_token.expand(b, embeddings.shape[1], -1) * mask
         embeddings = torch.cat((self.cls_token.expand(b, -1, -1), embeddings), dim=1)
@@ -352,6 +358,10 @@ class ViTForImageClassification(ViTPreTrainedModel):
         output_attentions, output_hidden_states, return_dict = self.config.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
+        kind = None
+        if labels is not None:  # checked before the forward pass, not after it
+            labels = torch.as_tensor(labels)
+            kind = self._labels_problem(labels, -1 if pixel_values is None else static_shape(pixel_values)[0])
         outputs = self.vit(
             pixel_values,
             head_mask=head_mask,
@@ -362,16 +372,25 @@ class ViTForImageClassification(ViTPreTrainedModel):
             class_token_only=not (output_attentions or output_hidden_states),
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        loss = None if labels is None else self._classification_loss(logits, labels)
+        loss = None if labels is None else self._classification_loss(logits, labels, kind)
         out = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return out if return_dict else out.to_tuple()
 
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits."""
+    def _labels_problem(self, labels: torch.Tensor, batch: int) -> str:
+        """Validate ``labels`` (:func:`~vit_core.checks.check_labels`; class indices on the host) → problem type."""
+        kind = check_labels(static_shape(labels), dtype_name(labels), self.config, batch)
+        if kind == "single_label_classification":
+            check_label_values(labels.detach().cpu().numpy(), self.num_labels)
+        return kind
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """Mean loss by ``problem_type``: MSE, cross-entropy (ignore_index -100) or BCE-with-logits.
+        ``kind``: the problem type :meth:`_labels_problem` found (None: validate ``labels`` here)."""
+        labels = torch.as_tensor(labels)
+        kind = kind or self._labels_problem(labels, logits.shape[0])
         labels = labels.to(logits.device)
-        kind = self.config.resolve_problem_type(not labels.is_floating_point())
         if kind == "regression":
             if self.num_labels == 1:
                 return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))

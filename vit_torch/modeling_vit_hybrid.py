@@ -13,6 +13,7 @@ from vit_core.checks import check_pixel_values
 from vit_core.config_hybrid import ViTHybridConfig
 
 from .modeling_bit import BitBackbone
+from .modeling_utils import static_shape
 from .modeling_vit import ViTEmbeddings, ViTForImageClassification, ViTModel, ViTPatchEmbeddings, ViTPreTrainedModel
 
 __all__ = ["ViTHybridModel", "ViTHybridForImageClassification", "ViTHybridPreTrainedModel"]
@@ -26,7 +27,7 @@ class ViTHybridPatchEmbeddings(ViTPatchEmbeddings):
         self.backbone = BitBackbone(config.bit)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        check_pixel_values(pixel_values.shape, self.config, interpolate_pos_encoding)
+        check_pixel_values(static_shape(pixel_values), self.config, interpolate_pos_encoding)
         features = self.backbone(pixel_values)[-1]
         return self.projection(features).flatten(2).transpose(1, 2)
 
