@@ -21,7 +21,7 @@ import vit_torch  # noqa: E402
 from conftest import assert_outputs_close  # noqa: E402
 from frameworks import TorchAdapter  # noqa: E402
 from frameworks_tf import TFAdapter  # noqa: E402
-from tolerances import GRAD_RTOL, TFLITE_ATOL  # noqa: E402
+from tolerances import GRAD_RTOL  # noqa: E402
 from vit_core.config import SUPPORTED_ACTIVATIONS, ViTConfig  # noqa: E402
 from vit_core.weights import param_specs  # noqa: E402
 
@@ -242,7 +242,7 @@ def test_sgd_step_matches_torch(folders):
         np.testing.assert_allclose(after_tf[key], value.numpy(), atol=ATOL, rtol=0, err_msg=key)
 
 
-# ----------------------------------------------------------------------------- keras saving, export, mixed precision
+# ----------------------------------------------------------------------------- keras saving, mixed precision (export: test_export_tf.py)
 def _randomised(model, seed: int = 0):
     """Give every variable random values, so a round trip that silently re-initialises cannot pass."""
     rng = np.random.RandomState(seed)
@@ -273,37 +273,6 @@ def test_keras_file_round_trip(tmp_path):
     layer = vit_tf.modeling_tf_vit.TFViTLayer(tiny_config(), name="block")
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(clone) is type(layer) and clone.config == layer.config and clone.name == "block"
-
-
-def test_export_saved_model_and_tflite(tmp_path):
-    model = _randomised(vit_tf.TFViTForImageClassification(tiny_config()))
-    x = images(b=3)
-    expected = model(x).logits.numpy()
-    model.export(str(tmp_path / "sm"))
-    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
-    signature = reloaded.signatures["serving_default"]
-    assert signature.structured_input_signature[1]["pixel_values"].shape.as_list() == [None, 3, 32, 32]
-    np.testing.assert_allclose(reloaded.serve(x)["logits"].numpy(), expected, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(signature(pixel_values=tf.constant(x))["logits"].numpy(), expected, atol=ATOL, rtol=0)
-
-    model.export(str(tmp_path / "m.tflite"), format="litert")  # tf.lite.TFLiteConverter.from_saved_model inside
-    with pytest.warns(UserWarning, match="deprecated"):  # tf.lite.Interpreter points to ai_edge_litert
-        interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "m.tflite"))
-    inp = interpreter.get_input_details()[0]
-    assert list(inp["shape_signature"]) == [-1, 3, 32, 32]
-    interpreter.resize_tensor_input(inp["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(got, expected, atol=TFLITE_ATOL, rtol=0)
-    # the bare model exports its two outputs
-    base = vit_tf.TFViTModel(tiny_config())
-    base.export(str(tmp_path / "base"))
-    reloaded = tf.saved_model.load(str(tmp_path / "base"))  # keep a reference: it owns the variables
-    out = reloaded.serve(x)
-    assert sorted(out) == ["last_hidden_state", "pooler_output"]
-    np.testing.assert_allclose(out["pooler_output"].numpy(), base(x).pooler_output.numpy(), atol=ATOL, rtol=0)
 
 
 def test_mixed_bfloat16_builds_fits_and_round_trips(tmp_path):

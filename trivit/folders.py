@@ -14,7 +14,7 @@ from typing import Any
 from trivit.quiet import import_quietly
 
 __all__ = ["UsageError", "FRAMEWORKS", "PREFIXES", "MODEL_TYPES", "read_json", "load_processor", "read_image",
-           "import_framework"]
+           "import_framework", "load_pretrained"]
 
 FRAMEWORKS = ("torch", "tf", "flax")
 #: Class-name prefix of each framework's twins (``TFViTModel``, ``FlaxViTModel``).
@@ -93,3 +93,27 @@ def import_framework(framework: str, flag: str = "--framework") -> Any:
     except ImportError as e:
         raise UsageError(f"{flag} {framework}: {module} does not import ({e}); "
                          f"install it with pip install 'trivit[{framework}]'") from None
+
+
+def load_pretrained(framework: str, class_name: str, folder: Path, note: Callable[[str], None],
+                    flag: str = "--model") -> tuple[Any, dict[str, list]]:
+    """``(model, loading info)``: ``<prefix><class_name>.from_pretrained(folder)`` in ``framework``, its warnings said
+    through ``note``; a folder it cannot load is a :class:`UsageError` naming ``flag``."""
+    import warnings
+
+    from vit_core import CheckpointError
+    from vit_core.config import ConfigError
+
+    from trivit.quiet import quiet_frameworks
+
+    quiet_frameworks()
+    cls = getattr(import_framework(framework), PREFIXES[framework] + class_name)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = cls.from_pretrained(folder, output_loading_info=True)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{flag} {folder}: {e}") from None
+    for w in caught:
+        note(f"warning: {w.message}")
+    return model, info

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from trivit.folders import (FRAMEWORKS, MODEL_TYPES, PREFIXES, UsageError, import_framework, load_processor,
-                            read_image, read_json)
-from trivit.quiet import quiet_frameworks
+from trivit.folders import FRAMEWORKS, MODEL_TYPES, UsageError, load_pretrained, load_processor, read_image, read_json
 
 __all__ = ["add_parser", "run", "find_images", "EXIT_OK", "EXIT_USAGE", "EXIT_SKIPPED"]
 
@@ -131,24 +128,11 @@ def _load_config(folder: Path) -> tuple[str, Any]:
 
 def _load_model(framework: str, class_name: str, folder: Path, note: Callable[[str], None]) -> Forward:
     """Load the classifier in ``framework`` and return its fp32 forward pass on numpy NCHW pixels."""
-    from vit_core import CheckpointError
-    from vit_core.config import ConfigError
-
-    quiet_frameworks()
-    module = import_framework(framework)
-    cls = getattr(module, PREFIXES[framework] + class_name)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model, info = cls.from_pretrained(folder, output_loading_info=True)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        raise UsageError(f"--model {folder}: {e}") from None
+    model, info = load_pretrained(framework, class_name, folder, note)
     head = [k for k in info.get("missing_keys", []) + info.get("mismatched_keys", []) if "classifier" in str(k)]
     if head:
         raise UsageError(f"--model {folder}: the checkpoint has no trained classification head "
                          f"({', '.join(map(str, head))} would be random); it is not an image classifier")
-    for w in caught:
-        note(f"warning: {w.message}")
     return _forward(framework, model)
 
 

@@ -4,6 +4,8 @@ which HF has in PyTorch only), loading canonical checkpoints."""
 from vit_core.config import ViTConfig
 from vit_core.config_hybrid import BitConfig, ViTHybridConfig
 
+from .checkpointing import restore_train_state, save_train_state, saved_steps
+from .export import export_stablehlo, load_stablehlo
 from .modeling_flax_bit import FlaxBitBackbone, FlaxBitModel
 from .modeling_flax_utils import param_path
 from .modeling_flax_vit import (
@@ -32,4 +34,9 @@ __all__ = [
     "FlaxBitModel",
     "FlaxBitBackbone",
     "param_path",
+    "export_stablehlo",
+    "load_stablehlo",
+    "save_train_state",
+    "restore_train_state",
+    "saved_steps",
 ]

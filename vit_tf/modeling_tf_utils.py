@@ -11,8 +11,10 @@ Layouts are transposed only by :func:`~vit_core.weights.to_kernel_layout` / ``fr
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
+import random
 from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
@@ -171,6 +173,27 @@ def rematerialized(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
     return keras.remat(fn)
 
 
+def plain_error(err: Exception) -> Exception:
+    """Mark ``err`` so that Keras passes it on as it is: Keras re-raises an error from a layer's ``call`` with the
+    call's arguments appended (a multi-line message) unless it is marked as already annotated."""
+    err._keras_call_info_injected = True  # type: ignore[attr-defined]
+    return err
+
+
+def keras_plain(check: Callable[..., Any]) -> Callable[..., Any]:
+    """``check`` (from :mod:`vit_core.checks`) whose ValueError / TypeError reaches the user in the words every
+    framework uses (see :func:`plain_error`)."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(*args, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise plain_error(err) from None
+
+    checked.__name__, checked.__doc__ = check.__name__, check.__doc__
+    return checked
+
+
 def _scale_for_replicas(loss: Tensor) -> Tensor:
     """The model's own loss divided by the replica count under a ``tf.distribute`` strategy, as Keras divides
     compiled losses (the replicas' gradients are summed, so the step is the global batch's mean); Keras'
@@ -179,6 +202,50 @@ def _scale_for_replicas(loss: Tensor) -> Tensor:
 
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     return loss if replicas == 1 else loss * ops.cast(1.0 / replicas, loss.dtype)
+
+
+#: True while :func:`_deferred_variables` builds a model: :meth:`TFPreTrainedModel.post_init` then builds and
+#: checks but assigns nothing.
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("trivit_tf_skip_init", default=False)
+
+
+@contextlib.contextmanager
+def _deferred_variables() -> Iterator[list[keras.Variable]]:
+    """Build models whose variables exist but hold no value and ran no initialiser: Keras' own deferred
+    creation (variables made inside a ``keras.StatelessScope``). Yields a list that holds, on exit, every
+    variable created inside; they are taken off Keras' list of pending initialisations, so the caller gives
+    each its value (:func:`_initialise_deferred`, or ``var._deferred_initialize()`` for its own initialiser)
+    or drops them. Keras-internal API (``keras.src``), checked by the test suite against the pinned Keras."""
+    from keras.src.backend.common import global_state
+
+    def pending() -> list[keras.Variable]:
+        return list(global_state.get_global_attribute("uninitialized_variables", None) or [])
+
+    before = pending()
+    known = {id(v) for v in before}
+    created: list[keras.Variable] = []
+    token = _SKIP_INIT.set(True)
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield created
+    finally:
+        _SKIP_INIT.reset(token)
+        created.extend(v for v in pending() if id(v) not in known)
+        global_state.set_global_attribute("uninitialized_variables", before)
+
+
+def _initialise_deferred(var: keras.Variable, value: np.ndarray) -> None:
+    """Give a deferred variable (see :func:`_deferred_variables`) its first value: one copy, no initialiser."""
+    import tensorflow as tf
+
+    with tf.init_scope():  # as Keras' own deferred initialisation: eager, outside any tf.function
+        var._initialize(var._convert_to_tensor(value, dtype=var.dtype))
+    var._initializer = None
+
+
+def _kernel(spec: ParamSpec, array: np.ndarray) -> np.ndarray:
+    """A canonical (PyTorch-layout) checkpoint array in Keras' layout, float32, C-contiguous."""
+    return np.ascontiguousarray(to_kernel_layout(spec.kind, array), dtype=np.float32)
 
 
 class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
@@ -219,6 +286,8 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
                 f"{sorted(p for i, p in model.items() if i not in ours)}, table rows without a distinct variable: "
                 f"{len(table) - len(ours & set(model))}"
             )
+        if _SKIP_INIT.get():  # from_pretrained's deferred build: it gives every variable its loaded value itself
+            return
         for spec, var in table.values():
             var.assign(to_kernel_layout(spec.kind, initial_value(spec, self.config.initializer_range)))
 
@@ -247,7 +316,7 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
             return None
         c = self.config
         head_mask = ops.convert_to_tensor(head_mask)
-        if not head_mask_layers(head_mask.shape, c):
+        if not keras_plain(head_mask_layers)(head_mask.shape, c):
             head_mask = ops.broadcast_to(head_mask[None], (c.num_hidden_layers, c.num_attention_heads))
         return ops.cast(head_mask[:, None, :, None, None], self.compute_dtype)
 
@@ -310,37 +379,36 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
         verbose: bool | None = None,
         input_signature: Any = None,
         batch_size: int | None = None,
+        processor: Any = None,
+        quantize: str | None = None,
         **kwargs: Any,
-    ) -> None:
-        """Export for inference without trivit installed.
+    ) -> Any:
+        """Export for inference without trivit installed (see :mod:`vit_tf.export`).
 
-        ``format="tf_saved_model"``: a SavedModel whose ``serve`` endpoint (also the ``serving_default``
-        signature) takes ``pixel_values`` (B, C, H, W) float32 and returns a dict of output tensors.
-        ``format="litert"``: a ``.tflite`` file, converted from that SavedModel by
-        ``tf.lite.TFLiteConverter.from_saved_model`` (``kwargs`` are set on the converter, e.g.
-        ``optimizations=[tf.lite.Optimize.DEFAULT]``). Other formats go to ``keras.Model.export``.
+        ``format="tf_saved_model"``: :func:`~vit_tf.export.export_saved_model` (signatures ``serving_default``:
+        NCHW float32 ``pixel_values``, and ``serve_images``: uint8 NHWC images preprocessed in the graph with
+        ``processor``). ``format="litert"``: :func:`~vit_tf.export.export_tflite` (``quantize`` None or
+        ``"dynamic_range"``). ``batch_size`` None keeps the batch dynamic in both. Other formats go to
+        ``keras.Model.export``.
         """
+        if format not in ("tf_saved_model", "litert"):
+            ours = {"batch_size": batch_size, "processor": processor, "quantize": quantize}
+            if given := sorted(k for k, v in ours.items() if v is not None):
+                raise TypeError(f"{given} apply to format='tf_saved_model' / 'litert' only, got format={format!r}")
+            return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        from .export import export_saved_model, export_tflite
+
+        unused = {**kwargs, **({"input_signature": input_signature} if input_signature is not None else {})}
+        if unused:
+            raise TypeError(f"export(format={format!r}) takes no {sorted(unused)}: the signatures are fixed by the "
+                            "config (batch_size sets the batch); add other endpoints with keras.export.ExportArchive")
         if format == "litert":
-            import tempfile
-
-            import tensorflow as tf
-
-            with tempfile.TemporaryDirectory() as tmp:
-                self.export(tmp, verbose=False, input_signature=input_signature, batch_size=batch_size)
-                converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-                for key, value in kwargs.items():
-                    setattr(converter, key, value)
-                blob = converter.convert()
-            with open(filepath, "wb") as f:
-                f.write(blob)
-            return
-        if format != "tf_saved_model":
-            super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
-            return
-        archive = keras.export.ExportArchive()
-        archive.track(self)
-        archive.add_endpoint("serve", self.serve, input_signature or self.serving_signature(batch_size))
-        archive.write_out(filepath, verbose=bool(verbose))
+            if processor is not None:
+                raise TypeError("processor applies to format='tf_saved_model' only (TFLite takes pixel_values)")
+            return export_tflite(self, filepath, quantize=quantize, batch_size=batch_size)
+        if quantize is not None:
+            raise TypeError(f"quantize applies to format='litert' only, got quantize={quantize!r}")
+        return export_saved_model(self, filepath, processor=processor, batch_size=batch_size)
 
     # ------------------------------------------------------------------ save / load
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
@@ -376,14 +444,30 @@ class TFPreTrainedModel(ViTConfigSerializable, keras.Model):
         path, config, init_kwargs, state = resolve_pretrained_args(
             cls, pretrained_model_name_or_path, config, kwargs, config_class=cls.config_class
         )
-        model = cls(config, *model_args, **init_kwargs)
+        seeds = random.getstate()  # Keras draws layer seeds from Python's random when building
+        with _deferred_variables() as created:
+            model = cls(config, *model_args, **init_kwargs)
         state, plan = match_checkpoint(
             model.param_specs(), path, owner=f"{cls.__name__}.from_pretrained({str(path)!r})",
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             state=state,
         )
         table = model.variables_by_name()
-        for name, key in plan.sources.items():
-            spec, var = table[name]
-            var.assign(to_kernel_layout(spec.kind, np.asarray(state[key], dtype=np.float32)))
+        if set(table) == set(plan.sources):
+            for name, key in plan.sources.items():  # each variable created from its loaded value, one at a time
+                spec, var = table[name]
+                _initialise_deferred(var, _kernel(spec, state.read(key)))
+            ours = {id(v) for _, v in table.values()}
+            for var in created:  # Keras' own state (e.g. seed generators): its own initialisers
+                if id(var) not in ours:
+                    var._deferred_initialize()
+        else:
+            # Some weights are freshly initialised (a missing or re-sized head): build and initialise the model
+            # exactly as its constructor does, so a seeded run draws the very same values (and layer seeds), then load.
+            random.setstate(seeds)
+            model = cls(config, *model_args, **init_kwargs)
+            table = model.variables_by_name()
+            for name, key in plan.sources.items():
+                spec, var = table[name]
+                var.assign(_kernel(spec, state.read(key)))
         return (model, plan.loading_info()) if output_loading_info else model

@@ -3,6 +3,7 @@
 from vit_core.config import ViTConfig
 from vit_core.config_hybrid import BitConfig, ViTHybridConfig
 
+from .export import export_onnx, run_onnx
 from .modeling_vit import ViTForImageClassification, ViTForMaskedImageModeling, ViTModel, ViTPreTrainedModel
 from .modeling_vit_hybrid import ViTHybridForImageClassification, ViTHybridModel, ViTHybridPreTrainedModel
 
@@ -17,4 +18,6 @@ __all__ = [
     "ViTHybridModel",
     "ViTHybridForImageClassification",
     "ViTHybridPreTrainedModel",
+    "export_onnx",
+    "run_onnx",
 ]
