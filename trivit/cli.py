@@ -13,7 +13,7 @@ import sys
 __all__ = ["main", "VERBS"]
 
 #: The verbs, in ``--help`` order; each is the module ``trivit.<verb>``.
-VERBS: tuple[str, ...] = ("demo", "convert", "predict", "train")
+VERBS: tuple[str, ...] = ("demo", "convert", "predict", "train", "bench", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
