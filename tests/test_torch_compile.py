@@ -63,3 +63,17 @@ def test_hybrid_is_one_graph():
     with torch.no_grad():
         expected = model(x).logits
         torch.testing.assert_close(compiled(x).logits, expected, rtol=0, atol=ATOL)
+
+
+def test_compiled_loss_is_nan_for_an_out_of_range_label():
+    """Eager raises the ValueError (test_hardening_inputs); a compiled graph cannot see the values on the host, so the
+    loss is NaN (documented in docs/torch.md), and an in-range batch with an ignored (-100) example is unchanged."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**TINY)).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isnan(compiled(x, labels=torch.tensor([1, 5])).loss)
+        good = torch.tensor([1, -100])
+        torch.testing.assert_close(compiled(x, labels=good).loss, model(x, labels=good).loss, rtol=0, atol=ATOL)
+

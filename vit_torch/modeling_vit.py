@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vit_core.checks import (
-    check_bool_masked_pos, check_label_values, check_labels, check_mim_mask_allowed, check_pixel_values, dtype_name,
+    IGNORE_INDEX, check_bool_masked_pos, check_label_values, check_labels, check_mim_mask_allowed, check_pixel_values,
+    dtype_name,
 )
 from vit_core.config import ViTConfig
 from vit_core.outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
@@ -381,7 +382,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
     def _labels_problem(self, labels: torch.Tensor, batch: int) -> str:
         """Validate ``labels`` (:func:`~vit_core.checks.check_labels`; class indices on the host) → problem type."""
         kind = check_labels(static_shape(labels), dtype_name(labels), self.config, batch)
-        if kind == "single_label_classification":
+        if kind == "single_label_classification" and not torch.compiler.is_compiling():  # compiled: see the loss
             check_label_values(labels.detach().cpu().numpy(), self.num_labels)
         return kind
 
@@ -396,7 +397,15 @@ class ViTForImageClassification(ViTPreTrainedModel):
                 return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
             return F.mse_loss(logits, labels.to(logits.dtype))
         if kind == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long(), ignore_index=-100)
+            y = labels.view(-1).long()
+            if not torch.compiler.is_compiling():
+                return F.cross_entropy(logits.view(-1, self.num_labels), y, ignore_index=IGNORE_INDEX)
+            # Inside a torch.compile graph the labels' values are not on the host: an out-of-range label makes the
+            # loss NaN (as under jax.jit and XLA), never an out-of-bounds read or a plausible number.
+            bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= self.num_labels))
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), torch.where(bad, IGNORE_INDEX, y),
+                                   ignore_index=IGNORE_INDEX)
+            return torch.where(bad.any(), torch.full_like(loss, float("nan")), loss)
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
