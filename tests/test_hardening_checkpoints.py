@@ -29,14 +29,10 @@ from vit_core.config_hybrid import ViTHybridConfig
 from vit_core.safetensors_io import CheckpointError
 from vit_core.weights import param_specs
 
+from test_hardening_inputs import HYBRID, TINY  # the same tiny ViT and hybrid as the input checks
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
-            patch_size=8, encoder_stride=8, num_labels=3)
-BIT = dict(embedding_size=16, hidden_sizes=[32, 64, 128], depths=[1, 2, 1], num_groups=4, layer_type="bottleneck",
-           global_padding="SAME", embedding_dynamic_padding=True)
-HYBRID = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=48,
-              patch_size=3, num_labels=3, backbone_config=BIT)
 VIT, HYB = "ViTForImageClassification", "ViTHybridForImageClassification"
 CONFIGS = {VIT: lambda: ViTConfig(**TINY), HYB: lambda: ViTHybridConfig(**HYBRID)}
 

@@ -17,6 +17,7 @@ import vit_torch
 from conftest import assert_outputs_close
 from frameworks import ADAPTERS
 from settings import ATOL
+from test_hybrid_equivalence import BIT
 from vit_core.checks import label_range_message
 from vit_core.config import ViTConfig
 from vit_core.config_hybrid import ViTHybridConfig
@@ -27,8 +28,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             patch_size=8, encoder_stride=8, num_labels=3)
 #: The hybrid's backbone maps 48 px to a 3×3 map (stride 16, SAME padding); patch_size 3 cuts it into one token,
 #: so a 64 px input (a 4×4 map) is not a whole number of patches.
-BIT = dict(embedding_size=16, hidden_sizes=[32, 64, 128], depths=[1, 2, 1], num_groups=4, layer_type="bottleneck",
-           global_padding="SAME", embedding_dynamic_padding=True)
 HYBRID = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=48,
               patch_size=3, num_labels=3, backbone_config=BIT)
 CONFIGS = {
