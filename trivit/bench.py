@@ -823,7 +823,8 @@ def _sample_images(n: int) -> list[Any]:
 
 
 #: The load measurement's child: import the library and the framework and run one trivial op (so framework
-#: start-up is in the baseline), note VmRSS, reset the peak (Linux: ``clear_refs`` 5), time from_pretrained, read
+#: start-up is in the baseline), collect garbage (a light import leaves a full collection pending, ~0.12 s measured
+#: for vit_torch, which the first from_pretrained would pay and a heavy import like transformers' has already paid), note VmRSS, reset the peak (Linux: ``clear_refs`` 5), time from_pretrained, read
 #: every weight once (summed: memory-mapped weights count once touched, as they are by the first forward), then
 #: read the peak. The peak is VmHWM, the same high-water mark ru_maxrss reports, but of this process's own memory
 #: only: after fork + exec, ru_maxrss also keeps the parent's RSS at the fork (a benchmark process holding three
@@ -855,6 +856,7 @@ _LOAD_CHILD = textwrap.dedent("""
             import tensorflow as tf; (tf.zeros(1) + 1).numpy()
         else:
             import jax.numpy as jnp; (jnp.zeros(1) + 1).block_until_ready()
+        import gc; gc.collect()  # the imports leave a full collection pending; it must not land in one side's timing
         cls = getattr(lib, {"pt": "", "tf": "TF", "flax": "Flax"}[fw] + "ViTForImageClassification")
         base = status("VmRSS") or maxrss()
         try:
