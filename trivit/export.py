@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from trivit.folders import PREFIXES, UsageError, import_framework, load_pretrained, load_processor, read_image, read_json
+from trivit.folders import (PREFIXES, UsageError, import_framework, load_pretrained, load_processor,
+                            read_config_json, read_image)
 
 __all__ = ["add_parser", "run", "FORMATS", "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE"]
 
@@ -102,12 +103,7 @@ def _load_config(folder: Path) -> tuple[str, Any]:
     import vit_core
     from vit_core.config import ConfigError
 
-    if not folder.is_dir():
-        raise UsageError(f"MODEL_DIR {folder}: no such folder")
-    file = folder / "config.json"
-    if not file.is_file():
-        raise UsageError(f"MODEL_DIR {folder}: no config.json in that folder")
-    data = read_json(file)
+    file, data = read_config_json(folder, "MODEL_DIR")
     model_type = data.get("model_type", "vit")
     if model_type not in _CONFIGS:
         raise UsageError(f"{file}: model_type {model_type!r} is not one trivit exports ({list(_CONFIGS)})")

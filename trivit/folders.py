@@ -14,7 +14,8 @@ from typing import Any
 from trivit.quiet import import_quietly
 
 __all__ = ["UsageError", "FRAMEWORKS", "PREFIXES", "MODEL_TYPES", "read_json", "load_processor", "read_image",
-           "import_framework", "load_pretrained"]
+           "import_framework", "load_pretrained",
+           "read_config_json"]
 
 FRAMEWORKS = ("torch", "tf", "flax")
 #: Class-name prefix of each framework's twins (``TFViTModel``, ``FlaxViTModel``).
@@ -42,6 +43,16 @@ def read_json(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_config_json(folder: Path, flag: str) -> tuple[Path, dict[str, Any]]:
+    """``(folder/config.json, its JSON object)``; a missing folder or file is a :class:`UsageError` naming ``flag``."""
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: no such folder")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UsageError(f"{flag} {folder}: no config.json in that folder")
+    return file, read_json(file)
 
 
 def load_processor(folder: Path, config: Any, note: Callable[[str], None]) -> Any:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from trivit.folders import FRAMEWORKS, MODEL_TYPES, UsageError, load_pretrained, load_processor, read_image, read_json
+from trivit.folders import (FRAMEWORKS, MODEL_TYPES, UsageError, load_pretrained, load_processor, read_config_json,
+                            read_image)
 
 __all__ = ["add_parser", "run", "find_images", "EXIT_OK", "EXIT_USAGE", "EXIT_SKIPPED"]
 
@@ -106,12 +107,8 @@ def _load_config(folder: Path) -> tuple[str, Any]:
     import vit_core
     from vit_core.config import ConfigError
 
-    if not folder.is_dir():
-        raise UsageError(f"--model {folder}: no such folder")
-    file = folder / "config.json"
-    if not file.is_file():
-        raise UsageError(f"--model {folder}: no config.json in that folder")
-    model_type = read_json(file).get("model_type", "vit")
+    file, data = read_config_json(folder, "--model")
+    model_type = data.get("model_type", "vit")
     if model_type not in MODEL_TYPES:
         raise UsageError(f"{file}: model_type {model_type!r} is not one trivit predicts with ({list(MODEL_TYPES)})")
     class_name, config_class = MODEL_TYPES[model_type]
