@@ -383,7 +383,12 @@ def _map(function: Callable[[int, Any], Any], items: Sequence[Any], threads: int
         pool = _pools.get(threads)
         if pool is None:
             pool = _pools[threads] = ThreadPoolExecutor(threads, "trivit-images")
-    return list(pool.map(function, range(len(items)), items))
+    # Chunks of a few items (a few per thread and round): one future per item costs more than the look-up
+    # phase itself, while a chunk per thread would leave a thread idle behind one slow, large image.
+    step = max(1, len(items) // (4 * threads))
+    chunks = [range(start, min(start + step, len(items))) for start in range(0, len(items), step)]
+    done = pool.map(lambda chunk: [function(index, items[index]) for index in chunk], chunks)
+    return [result for results in done for result in results]
 
 
 def _indexed(index: int, function: Callable[[], Any]) -> Any:
