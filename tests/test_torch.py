@@ -48,6 +48,29 @@ def test_sdpa_and_eager_agree_and_sdpa_still_returns_attentions():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_cpu_bf16_attention_path_matches_an_fp32_softmax_and_trains():
+    """bf16 on the CPU skips SDPA for matmuls and a bf16 softmax: same numbers as SDPA-free fp32-softmax attention."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny(num_labels=3, hidden_size=64, num_attention_heads=4)).to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    attention = model.vit.encoder.layer[0].attention.attention
+    with torch.no_grad():
+        h = torch.randn(2, 17, 64, dtype=torch.bfloat16)
+        got, _ = attention(h)
+        split = lambda t: t.view(2, 17, 4, 16).transpose(1, 2)  # noqa: E731
+        q, k, v = split(attention.query(h)), split(attention.key(h)), split(attention.value(h))
+        probs = torch.softmax((q @ k.transpose(-1, -2) * attention.scaling).float(), -1).to(torch.bfloat16)
+        want = (probs @ v).transpose(1, 2).reshape(2, 17, 64)
+    # One bf16 rounding apart at most (the softmax is rounded once either way; 1 in ~1e5 probabilities differs
+    # by an ulp): 2**-7 relative to the largest context value.
+    assert float((got.float() - want.float()).abs().max()) <= 2**-7 * float(want.float().abs().max())
+    model.train()
+    loss = model(x, labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and attention.query.weight.grad is not None
+    assert attention.query.weight.grad.abs().sum() > 0
+
+
 def test_mim_loss_at_another_size_matches_the_formula():
     """HF's loss only works at the config's size; ours uses the real grid. Checked against numpy."""
     torch.manual_seed(0)
