@@ -443,7 +443,7 @@ def _fit_torch(run: _Run) -> None:
         from trivit.distributed import rank_shard, torch_train_step, wrap_ddp
 
         ddp, device = wrap_ddp(model, run.dist), run.dist.device
-    # The fused kernel (one pass over each parameter, CPU and CUDA): the same update as the default for-each path.
+    # The fused kernel (one pass over each parameter, CPU and CUDA): the same AdamW update, rounded in another order.
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=BETAS, eps=EPS, weight_decay=run.weight_decay,
                             fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: run.lr_at(s) / run.lr)
