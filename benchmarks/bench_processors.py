@@ -41,6 +41,7 @@ def main() -> None:
     from sklearn.datasets import load_sample_image
 
     import vit_core
+    from vit_core.image_processing import _default_threads  # the processors' own pool size
 
     photos = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
     images = [photos[i % 2] for i in range(batch)]
@@ -58,7 +59,7 @@ def main() -> None:
     cases[("vit", "-", "Pillow resize alone")] = lambda: [im.resize((224, 224), Image.BILINEAR) for im in images]
     cases[("hybrid", "-", "Pillow resize alone")] = lambda: [im.resize((335, 224), Image.BICUBIC) for im in images]
     # ... and spread over one thread per CPU, as trivit's pool does: the ceiling for any exact processor here.
-    pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    pool = ThreadPoolExecutor(_default_threads())
     cases[("vit", "-", "Pillow resize, threads")] = lambda: list(
         pool.map(lambda im: im.resize((224, 224), Image.BILINEAR), images))
     cases[("hybrid", "-", "Pillow resize, threads")] = lambda: list(

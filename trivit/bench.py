@@ -824,7 +824,8 @@ def _sample_images(n: int) -> list[Any]:
 
 #: The load measurement's child: import the library and the framework and run one trivial op (so framework
 #: start-up is in the baseline), collect garbage (a light import leaves a full collection pending, ~0.12 s measured
-#: for vit_torch, which the first from_pretrained would pay and a heavy import like transformers' has already paid), note VmRSS, reset the peak (Linux: ``clear_refs`` 5), time from_pretrained, read
+#: for vit_torch, which the first from_pretrained would pay and a heavy import like transformers' has already
+#: paid), note VmRSS, reset the peak (Linux: ``clear_refs`` 5), time from_pretrained, read
 #: every weight once (summed: memory-mapped weights count once touched, as they are by the first forward), then
 #: read the peak. The peak is VmHWM, the same high-water mark ru_maxrss reports, but of this process's own memory
 #: only: after fork + exec, ru_maxrss also keeps the parent's RSS at the fork (a benchmark process holding three

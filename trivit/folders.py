@@ -14,8 +14,7 @@ from typing import Any
 from trivit.quiet import import_quietly
 
 __all__ = ["UsageError", "FRAMEWORKS", "PREFIXES", "MODEL_TYPES", "read_json", "load_processor", "read_image",
-           "import_framework", "load_pretrained",
-           "read_config_json"]
+           "import_framework", "load_pretrained", "read_config_json"]
 
 FRAMEWORKS = ("torch", "tf", "flax")
 #: Class-name prefix of each framework's twins (``TFViTModel``, ``FlaxViTModel``).
